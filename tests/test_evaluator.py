@@ -1,0 +1,123 @@
+"""The evaluator against independent, unbatched computations on tiny random models."""
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from caploc import arch, wrap_model
+from caploc.evaluator import Evaluator
+from caploc.tasks import get_task
+from caploc.tasks.base import Item, Task
+from tiny import ARCHS, build, byte_tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _reference_scores(model, tok, item, heads, layout):
+    """Log-prob of the target and greedy exact match, from one plain forward of a weight-zeroed copy."""
+    edited = copy.deepcopy(model)
+    arch.zero_head_weights(edited, [layout.head(i) for i in heads], layout)
+    prompt = tok(item.prefix + item.context)["input_ids"]
+    full = tok(item.prefix + item.context + item.target)["input_ids"]
+    target = full[len(prompt):]
+    with torch.no_grad():
+        logits = edited(torch.tensor([full])).logits[0, len(prompt) - 1:-1]
+    logprob = torch.log_softmax(logits, -1).gather(-1, torch.tensor(target)[:, None]).sum().item()
+    greedy = bool((logits.argmax(-1) == torch.tensor(target)).all())
+    return logprob, greedy
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_prefix_cached_batched_scores_match_plain_forward(name):
+    model, tok = build(name), byte_tokenizer()
+    lm = wrap_model(model, tok)
+    task = get_task("arithmetic", subtask="2D+,3D-", shots=2)
+    items = task.items(6, seed=0)
+    sets = [[], [0, 5], [lm.layout.n_total - 1]]
+    evaluator = Evaluator(lm, task, items, batch_tokens=256)  # small batches: several chunks
+    result = evaluator.evaluate(sets)
+    evaluator.close()
+    for m, heads in enumerate(sets):
+        for i, item in enumerate(items):
+            logprob, greedy = _reference_scores(model, tok, item, heads, lm.layout)
+            assert result.scores["logprob"][m, i] == pytest.approx(logprob, abs=1e-4)
+            assert result.scores["acc"][m, i] == float(greedy)
+    assert not np.allclose(result.scores["logprob"][0], result.scores["logprob"][1])
+
+
+def test_results_do_not_depend_on_batching_or_mask_order():
+    model, tok = build("llama"), byte_tokenizer()
+    lm = wrap_model(model, tok)
+    task = get_task("arithmetic", subtask="2D+")
+    items = task.items(5)
+    sets = [[1], [], [2, 3], [7]]
+    big = Evaluator(lm, task, items, batch_tokens=1 << 16).evaluate(sets)
+    small = Evaluator(lm, task, items, batch_tokens=64).evaluate(sets[::-1])
+    np.testing.assert_allclose(big.scores["logprob"], small.scores["logprob"][::-1], atol=1e-5)
+    # duplicate masks in one request are computed once
+    ev = Evaluator(lm, task, items)
+    ev.evaluate([[1], [1], []])
+    assert ev.stats.evaluations == 2
+
+
+class TinyChoice(Task):
+    name = "tinychoice"
+    kind = "choice"
+
+    def pool(self, seed, needed):
+        return [Item(id=str(i), context=f"Pick {i}:", choices=(" a", " bb", " ccc"), label=i % 3)
+                for i in range(needed)]
+
+
+def test_multiple_choice_acc_and_acc_norm():
+    model, tok = build("qwen2"), byte_tokenizer()
+    lm = wrap_model(model, tok)
+    task = TinyChoice()
+    items = task.items(4)
+    result = Evaluator(lm, task, items).evaluate([[], [3]])
+    for i, item in enumerate(items):
+        lps = []
+        for choice in item.choices:
+            prompt = tok(item.context)["input_ids"]
+            full = tok(item.context + choice)["input_ids"]
+            with torch.no_grad():
+                logits = model(torch.tensor([full])).logits[0, len(prompt) - 1:-1]
+            lps.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(full[len(prompt):])[:, None]).sum().item())
+        lps = np.array(lps)
+        assert result.scores["acc"][0, i] == float(lps.argmax() == item.label)
+        norm = lps / np.array([len(c) for c in item.choices])
+        assert result.scores["acc_norm"][0, i] == float(norm.argmax() == item.label)
+        assert result.scores["logprob"][0, i] == pytest.approx(lps[item.label], abs=1e-4)
+
+
+def test_generation_task_matches_weight_zeroed_generate():
+    model, tok = build("llama"), byte_tokenizer()
+    lm = wrap_model(model, tok)
+    task = get_task("gsm8k", data=str(FIXTURES / "gsm8k_mini.jsonl"), shots=1)
+    items = task.items(3)
+    heads = [2, 5]
+    evaluator = Evaluator(lm, task, items, max_new_tokens=6)
+    result = evaluator.evaluate([[], heads])
+    edited = copy.deepcopy(model)
+    arch.zero_head_weights(edited, [lm.layout.head(i) for i in heads], lm.layout)
+    for i, item in enumerate(items):
+        ids = torch.tensor([tok(item.prefix + item.context)["input_ids"]])
+        for m, reference_model in enumerate((model, edited)):
+            out = reference_model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+            expected = task.cut_at_stop(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            assert result.texts[m][i] == expected
+    assert set(result.scores) == {"acc"}
+
+
+def test_mean_ablation_evaluator_differs_from_zero():
+    model, tok = build("llama"), byte_tokenizer()
+    lm = wrap_model(model, tok)
+    task = get_task("arithmetic", subtask="2D+")
+    items = task.items(4)
+    zero = Evaluator(lm, task, items).evaluate([[], [4]])
+    mean = Evaluator(lm, task, items, mode="mean").evaluate([[], [4]])
+    np.testing.assert_array_equal(zero.scores["logprob"][0], mean.scores["logprob"][0])
+    assert not np.allclose(zero.scores["logprob"][1], mean.scores["logprob"][1])
