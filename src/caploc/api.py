@@ -7,9 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+import time
+
 from caploc.errors import CaplocError
 from caploc.evaluator import Evaluator
-from caploc.models import DEFAULT_MODEL, LoadedModel, load_model
+from caploc.methods import DEFAULT_METHOD, Objective, make_method
+from caploc.models import DEFAULT_MODEL, LoadedModel, cache_dir, load_model
+from caploc.store import EvalStore
 from caploc.stats import bootstrap_mean, paired_drop
 from caploc.tasks import get_task
 from caploc.tasks.base import Task
@@ -98,3 +102,96 @@ def heads(model: str | LoadedModel = DEFAULT_MODEL, dtype: str = "float32") -> d
 def check_positive(name: str, value: int) -> None:
     if value <= 0:
         raise CaplocError(f"{name} must be positive")
+
+
+def identification_metric(task: Task) -> str:
+    """Continuous log-probability where the target is known (far less noise per item than 0/1 accuracy),
+    the task's own score otherwise."""
+    return "logprob" if task.kind in ("target", "choice") else task.default_metric
+
+
+def open_store(store: str | Path | EvalStore | None) -> EvalStore | None:
+    if store is False:
+        return None
+    if isinstance(store, EvalStore):
+        return store
+    return EvalStore(store or cache_dir() / "evaluations.sqlite")
+
+
+def drop_curve(evaluator: Evaluator, ranking: list[int], k: int, seed: int) -> dict:
+    """Ablate the top-1, top-2, ..., top-k heads (cumulatively) and measure every metric's paired drop."""
+    masks = [ranking[:j] for j in range(0, k + 1)]
+    result = evaluator.evaluate(masks)
+    curve = {}
+    for name, values in result.scores.items():
+        curve[name] = [score_summary(values[0], values[j], seed) | {"k": j} for j in range(1, k + 1)]
+    return curve
+
+
+def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithmetic", method: str = DEFAULT_METHOD,
+           k: int = 5, n: int = 100, seed: int = 0, *, n_masks: int = 100, sparsity: float = 0.02, alpha="cv",
+           metric: str | None = None, n_validate: int | None = None, subtask: str | None = None,
+           shots: int | None = None, data: str | None = None, fewshot_data: str | None = None,
+           chat: bool | None = None, dtype: str = "float32", mode: str = "zero", max_new_tokens: int | None = None,
+           exclude: list[str] | None = None, store: str | Path | EvalStore | None = None, out: str | Path | None = None,
+           progress: bool = False) -> dict:
+    """Identify the top-k heads of a capability on `n` items, then validate them on `n_validate` held-out items."""
+    check_positive("--k", k)
+    started = time.perf_counter()
+    lm = resolve_model(model, dtype)
+    task_obj = resolve_task(task, **task_options(subtask, shots, data, fewshot_data, chat))
+    metric = metric or identification_metric(task_obj)
+    excluded = [lm.layout.index(h) for h in lm.layout.parse_list(exclude)]
+    method_obj = make_method(method, n_masks=n_masks, sparsity=sparsity, alpha=alpha, seed=seed)
+    id_items = task_obj.items(n, seed)
+    held_out = task_obj.items(n_validate or n, seed, offset=n)
+    db = open_store(store)
+    common = dict(mode=mode, store=db, progress=progress, max_new_tokens=max_new_tokens)
+    identify = Evaluator(lm, task_obj, id_items, **common)
+    validate = Evaluator(lm, task_obj, held_out, **common)
+    try:
+        if metric not in identify._metric_names():
+            raise CaplocError(f"task {task_obj.name} has no metric {metric!r}: use {', '.join(identify._metric_names())}")
+        objective = Objective(identify, metric)
+        result = method_obj.run(objective, k)
+        ranking = [i for i in result.ranking if i not in excluded]
+        top = ranking[:k]
+        identification = drop_curve(identify, ranking, k, seed)
+        validation = drop_curve(validate, ranking, k, seed)
+    finally:
+        identify.close()
+        validate.close()
+    layout = lm.layout
+    report = {
+        "command": "locate",
+        "model": lm.describe(),
+        "task": task_obj.config(),
+        "method": {"name": method, **method_obj.params()},
+        "k": k, "n": len(id_items), "n_validate": len(held_out), "seed": seed, "mode": mode, "metric": metric,
+        "excluded_heads": [str(layout.head(i)) for i in excluded],
+        "heads": [{"rank": r + 1, "head": str(layout.head(i)), "index": i, "score": float(result.head_scores[i]),
+                   "kv_group": layout.kv_group(layout.head(i))} for r, i in enumerate(top)],
+        "score_name": result.score_name,
+        "head_scores": [float(x) for x in result.head_scores],
+        "ranking": [str(layout.head(i)) for i in ranking],
+        "details": result.details,
+        "identification": identification,
+        "validation": validation,
+        "fingerprints": {"model": lm.fingerprint, "identification_items": identify.task_fingerprint,
+                         "validation_items": validate.task_fingerprint},
+        "budget": {
+            "evaluations": objective.requested,
+            "computed_evaluations": identify.stats.evaluations + validate.stats.evaluations,
+            "reused_evaluations": identify.stats.reused + validate.stats.reused,
+            "model_tokens": identify.stats.tokens + validate.stats.tokens,
+            "tokens_per_evaluation": identify.tokens_per_mask(),
+            "method_model_tokens": (objective.requested * identify.tokens_per_mask()
+                                    if identify.tokens_per_mask() else None),
+            "wall_seconds": round(time.perf_counter() - started, 2),
+        },
+        "store": str(db.path) if db else None,
+    }
+    if out:
+        write_json(Path(out) / "result.json", report)
+    return report
+

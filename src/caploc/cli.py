@@ -17,7 +17,7 @@ from caploc.models import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find which components of a transformer carry a capability, and prove it by ablation.")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m",
                         help="smollm2-135m, gemma3-270m, an HF hub id, a local model dir, or a .gguf file")
@@ -36,7 +36,7 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bars")
 
 
 def _fmt_interval(mean: float, lo: float, hi: float) -> str:
-    return f"{mean:.4f} [{lo:.4f}, {hi:.4f}]"
+    return f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 @app.command()
@@ -69,6 +69,81 @@ def eval(  # noqa: A001 - the command is called eval
     console.print(table)
     b = report["budget"]
     console.print(f"{b['evaluations']} evaluations, {b['tokens']} tokens, {b['seconds']:.1f} s")
+
+
+@app.command()
+def locate(
+    model: str = ModelOpt, task: str = TaskOpt,
+    method: str = typer.Option(None, "--method", help="css (default), csb, greedy, 1s-greedy, search"),
+    k: int = typer.Option(5, "--k", help="number of heads to report and validate"),
+    n: int = NOpt, seed: int = SeedOpt,
+    n_masks: int = typer.Option(100, "--masks", help="compressed sensing: number of random ablation masks"),
+    sparsity: float = typer.Option(0.02, "--sparsity", help="compressed sensing: fraction of heads per mask"),
+    alpha: str = typer.Option("cv", "--alpha", help="Lasso penalty: cv (cross-validated) or a number"),
+    metric: Optional[str] = typer.Option(None, "--metric", help="identification metric (default: logprob "
+                                         "where the target is known, else the task score)"),
+    n_validate: Optional[int] = typer.Option(None, "--n-validate", help="held-out items (default: --n)"),
+    exclude: Optional[str] = typer.Option(None, "--exclude", help="heads never reported, e.g. universal heads"),
+    subtask: Optional[str] = SubtaskOpt, shots: Optional[int] = ShotsOpt, data: Optional[str] = DataOpt,
+    fewshot_data: Optional[str] = FewshotOpt, chat: Optional[bool] = ChatOpt, dtype: str = DtypeOpt,
+    mode: str = ModeOpt, max_new_tokens: Optional[int] = typer.Option(None, help="generation length limit"),
+    store: Optional[str] = typer.Option(None, "--store", help="evaluation store (default: $CAPLOC_CACHE/evaluations.sqlite)"),
+    out: Optional[str] = typer.Option(None, "--out", help="run directory: writes OUT/result.json"),
+    json_out: Optional[str] = JsonOpt, quiet: bool = QuietOpt,
+):
+    """Find the heads that carry a capability, then validate them on held-out items."""
+    from caploc.methods import DEFAULT_METHOD
+
+    alpha_value = alpha if alpha == "cv" else _parse_float(alpha, "--alpha")
+    report = api.locate(model, task, method or DEFAULT_METHOD, k, n, seed, n_masks=n_masks, sparsity=sparsity,
+                        alpha=alpha_value, metric=metric, n_validate=n_validate, subtask=subtask, shots=shots,
+                        data=data, fewshot_data=fewshot_data, chat=chat, dtype=dtype, mode=mode,
+                        max_new_tokens=max_new_tokens, exclude=exclude.split(",") if exclude else None,
+                        store=store, out=out, progress=not quiet)
+    if json_out:
+        api.write_json(json_out, report)
+    print_locate(report)
+    if out:
+        console.print(f"wrote {out}/result.json")
+
+
+def _parse_float(text: str, name: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise CaplocError(f"{name} must be 'cv' or a number, got {text!r}") from None
+
+
+def print_locate(report: dict) -> None:
+    m = report["method"]
+    console.print(f"[bold]{m['name']}[/bold] on {report['task']['task']} ({report['model']['spec']}): "
+                  f"{report['n']} identification items, {report['n_validate']} held-out, metric {report['metric']}, "
+                  f"seed {report['seed']}")
+    table = Table(title=f"top-{report['k']} heads ({report['score_name']})")
+    for col in ("rank", "head", "score", "KV group"):
+        table.add_column(col)
+    for h in report["heads"]:
+        table.add_row(str(h["rank"]), h["head"], f"{h['score']:.4f}", str(h["kv_group"]))
+    console.print(table)
+    curve = Table(title="drop on held-out items when ablating the top-j heads (paired 95% CI)")
+    curve.add_column("j")
+    metrics = list(report["validation"])
+    for name in metrics:
+        curve.add_column(f"{name} drop")
+        curve.add_column(f"{name} rel.")
+    for j in range(report["k"]):
+        row = [str(j + 1)]
+        for name in metrics:
+            point = report["validation"][name][j]
+            row += [_fmt_interval(point["drop"], point["drop_low"], point["drop_high"]), f"{point['relative_drop']:.1%}"]
+        curve.add_row(*row)
+    console.print(curve)
+    base = report["validation"][metrics[0]][0]
+    console.print(f"held-out baseline {metrics[0]} {base['baseline']:.4f}")
+    b = report["budget"]
+    console.print(f"budget: {b['evaluations']} method evaluations ({b['computed_evaluations']} computed, "
+                  f"{b['reused_evaluations']} reused from the store), {b['model_tokens']} model tokens, "
+                  f"{b['wall_seconds']:.1f} s")
 
 
 @app.command()
@@ -105,19 +180,15 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted: completed evaluations are kept", file=sys.stderr)
         sys.exit(130)
-    except Exception as exc:  # click usage errors and anything unexpected: one line, no traceback
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:  # usage errors and anything unexpected: one line, no traceback
+        exit_code = getattr(exc, "exit_code", None)
+        if hasattr(exc, "show") and exit_code is not None:  # click/typer usage errors print themselves
             exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
+            sys.exit(exit_code)
+        if type(exc).__name__ in ("Exit", "Abort"):
+            sys.exit(exit_code or (0 if type(exc).__name__ == "Exit" else 1))
         print(f"error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
         sys.exit(1)
-
 
 if __name__ == "__main__":
     main()

@@ -58,7 +58,7 @@ class _Sequence:
 @dataclass
 class EvalStats:
     evaluations: int = 0  # masks computed by the model (not read from the store)
-    reused: int = 0  # masks answered from the store
+    reused: int = 0  # masks answered from the persistent store (not this evaluator's own memory)
     tokens: int = 0  # tokens run through the model
     seconds: float = 0.0
 
@@ -82,6 +82,7 @@ class Evaluator:
         self.progress = progress
         self.max_new_tokens = max_new_tokens or task.max_new_tokens
         self.stats = EvalStats()
+        self._memory: dict[bytes, dict] = {}  # this evaluator's own results: a mask is never run twice
         self.device = next(lm.model.parameters()).device
         self.ablation = head_ablation(lm.model, mode)
         self.ablation.attach()
@@ -113,7 +114,12 @@ class Evaluator:
         texts: list[list[str]] | None = [[] for _ in range(n_masks)] if self.task.kind == "generate" else None
         todo = []
         for row in range(n_masks):
-            cached = self.store.get(self.key(), mask[row]) if self.store is not None else None
+            cached = self._memory.get(mask[row].numpy().tobytes())
+            if cached is None and self.store is not None:
+                cached = self.store.get(self.key(), mask[row])
+                if cached is not None:
+                    self.stats.reused += 1
+                    self._memory[mask[row].numpy().tobytes()] = cached
             if cached is None:
                 todo.append(row)
                 continue
@@ -121,7 +127,6 @@ class Evaluator:
                 scores[m][row] = cached["scores"][m]
             if texts is not None:
                 texts[row] = cached.get("texts") or []
-            self.stats.reused += 1
         # identical masks in one request are computed once
         unique: dict[bytes, list[int]] = {}
         for row in todo:
@@ -131,6 +136,14 @@ class Evaluator:
             self._compute(mask, rows, unique, scores, texts)
         self.stats.seconds += time.perf_counter() - started
         return EvalResult(masks=mask.numpy(), scores=scores, item_ids=[i.id for i in self.items], texts=texts)
+
+    def tokens_per_mask(self) -> int | None:
+        """Model tokens one mask costs on these items (shared prefixes counted once); None for generation,
+        whose length depends on what the model writes."""
+        if self._sequences is None:
+            return None
+        prefixes = {s.prefix for s in self._sequences}
+        return sum(len(p) for p in prefixes) + sum(len(s.context) + len(s.continuation) - 1 for s in self._sequences)
 
     def baseline(self) -> EvalResult:
         return self.evaluate(torch.zeros(1, self.n_heads, dtype=torch.bool))
@@ -172,10 +185,11 @@ class Evaluator:
                             scores[m][dup] = values[j]
                         if texts is not None:
                             texts[dup] = chunk_texts[j]
+                    record = {"scores": {m: v[j].tolist() for m, v in chunk_scores.items()}}
+                    if chunk_texts is not None:
+                        record["texts"] = chunk_texts[j]
+                    self._memory[mask[row].numpy().tobytes()] = record
                     if self.store is not None:
-                        record = {"scores": {m: v[j].tolist() for m, v in chunk_scores.items()}}
-                        if chunk_texts is not None:
-                            record["texts"] = chunk_texts[j]
                         self.store.put(self.key(), mask[row], record)
                     self.stats.evaluations += 1
                 bar.update(len(chunk))
@@ -213,13 +227,14 @@ class Evaluator:
             if self.task.kind == "choice" and item.label is None:
                 raise CaplocError(f"item {item.id} has no label")
             prompts.append((prefix, self._encode(prefix + context, special=not self.task.chat)))
-        shared: dict[str, int] = {}  # prefix text -> number of leading ids common to its whole group
-        references: dict[str, list[int]] = {}
+        # prefix text -> number of leading ids common to every prompt of its group: the few-shot text
+        # plus whatever the items' own openings share ("Question: What is ")
+        shared: dict[str, int] = {}
+        first: dict[str, list[int]] = {}
         for prefix, ids in prompts:
             if prefix:
-                if prefix not in references:
-                    references[prefix] = self._encode(prefix, special=not self.task.chat)
-                common = _common_length(references[prefix], ids)
+                reference = first.setdefault(prefix, ids)
+                common = _common_length(reference, ids)
                 shared[prefix] = min(shared.get(prefix, common), common)
         sequences = []
         for i, (item, (prefix, ids)) in enumerate(zip(self.items, prompts)):

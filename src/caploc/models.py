@@ -119,7 +119,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
     target = cache_dir() / "dequantized" / f"{path.stem}-{_file_digest(path)}-v{_CACHE_FORMAT}"
     if not (target / "config.json").exists():
-        log.info("dequantizing %s (once; cached in %s)", path.name, target)
+        log.warning("dequantizing %s once into %s (later loads take about a second)", path.name, target)
         try:
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -178,14 +178,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype="float32", device: str | None = 
                 f"unknown model {spec!r}: use {' or '.join(EMBEDDED)}, a local model directory, "
                 "a .gguf file, or a Hugging Face hub id (org/name)"
             )
-        try:
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
-            tokenizer = AutoTokenizer.from_pretrained(spec)
-        except Exception as exc:
-            raise CaplocError(
-                f"cannot load model {spec!r} (not an alias, local path or reachable hub id): "
-                f"{str(exc).splitlines()[0]}"
-            ) from exc
+        model, tokenizer = _load_from_hub(spec, torch_dtype)
         source, fp = spec, None
     layout = arch.head_layout(model)  # raises for unsupported architectures
     model.eval()
@@ -196,6 +189,39 @@ def load_model(spec: str = DEFAULT_MODEL, dtype="float32", device: str | None = 
     return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, spec=spec, source=source,
                        fingerprint=f"{fp or _weights_fingerprint(model)}-{str(torch_dtype)[6:]}",
                        dtype=torch_dtype)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_from_hub(spec: str, dtype: torch.dtype):
+    """The local HF cache first; the network only when it answers (no minute of retries offline)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    for local_only in (True, False):
+        if not local_only and not _hub_reachable():
+            raise CaplocError(f"unknown model {spec!r}: not an alias ({', '.join(EMBEDDED)}), local directory or "
+                              ".gguf file, not in the local HF cache, and the Hugging Face hub is unreachable")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=local_only)
+            tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=local_only)
+            return model, tokenizer
+        except Exception as exc:
+            if not local_only:
+                raise CaplocError(f"cannot load model {spec!r} from the hub: {str(exc).splitlines()[0]}") from exc
+    raise AssertionError("unreachable")
 
 
 def _looks_like_hub_id(spec: str) -> bool:

