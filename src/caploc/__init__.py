@@ -3,6 +3,8 @@
 from caploc.errors import CaplocError
 from caploc.heads import Head, HeadLayout
 from caploc.models import load_model, wrap_model
+from caploc.api import evaluate, locate
 
 __version__ = "0.1.0"
-__all__ = ["CaplocError", "Head", "HeadLayout", "load_model", "wrap_model", "__version__"]
+__all__ = ["CaplocError", "Head", "HeadLayout", "load_model", "wrap_model", "evaluate", "locate",
+           "__version__"]

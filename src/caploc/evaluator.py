@@ -199,9 +199,14 @@ class Evaluator:
     def _masks_per_pass(self) -> int:
         if self.task.kind == "generate":  # rows = masks x items; keep about GENERATE_ROWS rows per call
             return max(1, GENERATE_ROWS // min(len(self.items), GENERATE_ROWS))
-        longest = max(len(s.context) + len(s.continuation) for s in self._sequences)
-        rows = max(1, self.batch_tokens // max(1, longest))
+        rows = max(1, self.batch_tokens // self._row_tokens(range(len(self._sequences))))
         return max(1, min(64, rows // max(1, min(len(self._sequences), rows))))
+
+    def _row_tokens(self, members) -> int:
+        """Tokens a row holds in memory: its suffix plus the prefix KV cache it attends to (the repeated
+        cache, not the matmuls, is what makes oversized batches slow on CPU)."""
+        return max(len(self._sequences[s].prefix) + len(self._sequences[s].context)
+                   + len(self._sequences[s].continuation) for s in members)
 
     # tokenization ---------------------------------------------------------------------------------
     def _encode(self, text: str, special: bool) -> list[int]:
@@ -266,8 +271,7 @@ class Evaluator:
         mask_dev = mask.to(self.device)
         for prefix, members in groups.items():
             prefix_cache = self._run_prefix(prefix, mask_dev) if prefix else None
-            longest = max(len(self._sequences[s].context) + len(self._sequences[s].continuation) for s in members)
-            per_chunk = max(1, self.batch_tokens // (max(1, longest) * n_masks))
+            per_chunk = max(1, self.batch_tokens // (self._row_tokens(members) * n_masks))
             for start in range(0, len(members), per_chunk):
                 chunk = members[start:start + per_chunk]
                 logprob, greedy = self._score_chunk(chunk, len(prefix), prefix_cache, mask_dev)
