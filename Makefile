@@ -26,8 +26,11 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
+# the main job: locate the 2-digit-addition heads of the embedded model with the default method (css),
+# validate them on held-out items, write runs/demo/result.json (under 3 minutes on 2 CPU cores)
 demo: install
-	$(VENV)/bin/caploc eval --model smollm2-135m --task arithmetic --subtask 2D+ --n 50 --seed 0 --ablate L0
+	$(VENV)/bin/caploc locate --model smollm2-135m --task arithmetic --subtask 2D+ --n 30 --k 5 --seed 0 \
+		--dtype bfloat16 --out runs/demo
 
 test: install-test
 	$(PY) -m pytest -q

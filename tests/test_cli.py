@@ -61,3 +61,21 @@ def test_eval_layer0_ablation_shows_large_drop(tmp_path):
     assert acc["baseline_low"] <= acc["baseline"] <= acc["baseline_high"]
     assert acc["drop_low"] > 0  # the paired interval excludes no effect
     assert "relative drop" in proc.stdout
+
+
+@pytest.mark.slow
+def test_locate_on_embedded_model_writes_result(tmp_path):
+    out = tmp_path / "run"
+    proc = run("locate", "--subtask", "2D+", "--n", "12", "--n-validate", "12", "--masks", "24", "--k", "3",
+               "--store", str(tmp_path / "evals.sqlite"), "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert [h["rank"] for h in result["heads"]] == [1, 2, 3]
+    assert all(h["head"].startswith("L") for h in result["heads"])
+    assert len(result["head_scores"]) == 270 and len(result["ranking"]) == 270
+    assert result["method"]["name"] == "css" and result["method"]["seed"] == 0
+    assert result["budget"]["evaluations"] == 24 and result["budget"]["wall_seconds"] > 0
+    assert len(result["validation"]["acc"]) == 3
+    assert 0 <= result["details"]["coverage"]["max_ablations_per_head"] - result["details"]["coverage"][
+        "min_ablations_per_head"] <= 1
+    assert "drop on held-out items" in proc.stdout

@@ -150,8 +150,8 @@ def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithme
     identify = Evaluator(lm, task_obj, id_items, **common)
     validate = Evaluator(lm, task_obj, held_out, **common)
     try:
-        if metric not in identify._metric_names():
-            raise CaplocError(f"task {task_obj.name} has no metric {metric!r}: use {', '.join(identify._metric_names())}")
+        if metric not in identify.metric_names():
+            raise CaplocError(f"task {task_obj.name} has no metric {metric!r}: use {', '.join(identify.metric_names())}")
         objective = Objective(identify, metric)
         result = method_obj.run(objective, k)
         ranking = [i for i in result.ranking if i not in excluded]

@@ -109,7 +109,7 @@ class Evaluator:
         mask = self._as_mask(masks)
         started = time.perf_counter()
         n_masks = mask.shape[0]
-        metrics = self._metric_names()
+        metrics = self.metric_names()
         scores = {m: np.zeros((n_masks, len(self.items)), dtype=np.float64) for m in metrics}
         texts: list[list[str]] | None = [[] for _ in range(n_masks)] if self.task.kind == "generate" else None
         todo = []
@@ -149,7 +149,7 @@ class Evaluator:
         return self.evaluate(torch.zeros(1, self.n_heads, dtype=torch.bool))
 
     # -- internals -----------------------------------------------------------------------------------
-    def _metric_names(self) -> tuple[str, ...]:
+    def metric_names(self) -> tuple[str, ...]:
         return {"target": ("acc", "logprob"), "choice": ("acc", "acc_norm", "logprob"),
                 "generate": self.task.metrics[:1]}[self.task.kind]
 
