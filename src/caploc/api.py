@@ -162,6 +162,7 @@ def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithme
         identify.close()
         validate.close()
     layout = lm.layout
+    per_mask = identify.tokens_per_mask()
     report = {
         "command": "locate",
         "model": lm.describe(),
@@ -184,9 +185,8 @@ def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithme
             "computed_evaluations": identify.stats.evaluations + validate.stats.evaluations,
             "reused_evaluations": identify.stats.reused + validate.stats.reused,
             "model_tokens": identify.stats.tokens + validate.stats.tokens,
-            "tokens_per_evaluation": identify.tokens_per_mask(),
-            "method_model_tokens": (objective.requested * identify.tokens_per_mask()
-                                    if identify.tokens_per_mask() else None),
+            "tokens_per_evaluation": per_mask,
+            "method_model_tokens": objective.requested * per_mask if per_mask else None,
             "wall_seconds": round(time.perf_counter() - started, 2),
         },
         "store": str(db.path) if db else None,

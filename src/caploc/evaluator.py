@@ -90,6 +90,8 @@ class Evaluator:
         if mode == "mean":
             self.ablation.fit_means(lambda setter: self._run_reference(reference_items or self.items, setter))
         self.task_fingerprint = task.fingerprint(self.items)
+        self._key = {"model": lm.fingerprint, "task": self.task_fingerprint, "mode": self.mode,
+                     "max_new_tokens": self.max_new_tokens if task.kind == "generate" else None}
 
     def close(self) -> None:
         self.ablation.detach()
@@ -101,8 +103,7 @@ class Evaluator:
 
     def key(self) -> dict:
         """What identifies an evaluation besides its mask (the store's key)."""
-        return {"model": self.lm.fingerprint, "task": self.task_fingerprint, "mode": self.mode,
-                "max_new_tokens": self.max_new_tokens if self.task.kind == "generate" else None}
+        return self._key
 
     def evaluate(self, masks) -> EvalResult:
         """masks: bool array/tensor [n_masks, n_heads_total], or a list of head-index collections."""
