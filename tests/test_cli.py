@@ -17,6 +17,15 @@ def run(*args, timeout=600):
     (["eval", "--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["eval", "--model", "/nowhere/model.gguf"], "GGUF file not found"),
     (["eval", "--task", "gsm8k", "--data", "/nowhere/gsm8k.jsonl"], "dataset file not found"),
+    (["eval", "--task", "no_such_task"], "unknown task 'no_such_task'"),
+    (["eval", "--task", "humaneval", "--no-code-execution"], "runs model-written code"),
+    (["specificity", "--from", "/nowhere/run"], "run directory not found"),
+    (["specificity", "--heads", "L0H0", "--data", "mmlu"], "--data takes TASK=VALUE"),
+    (["report", "/nowhere/run"], "run directory not found"),
+    (["compare", "/nowhere/a", "/nowhere/b"], "run directory not found"),
+    (["export", "--ablate", "L0H99", "--out", "/tmp/caploc-never-written"], "head L0H99 does not exist"),
+    (["neurons", "--task", "rhyme", "--n", "2"], "CNL needs a known answer"),
+    (["compress", "--target", "1.5", "--n", "2"], "--target must be a fraction"),
 ])
 def test_bad_input_is_one_line_and_nonzero(smollm, args, message):
     # smollm: the dequantized cache is warm, so the one-time "dequantizing" note is not in stderr
@@ -35,7 +44,18 @@ def test_corrupt_gguf_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot read GGUF file")
 
 
-@pytest.mark.parametrize("command", [[], ["eval"], ["heads"]])
+def test_corrupt_run_file_is_one_line(tmp_path):
+    (tmp_path / "result.json").write_text('{"heads": [1, 2')
+    for command in (["report", str(tmp_path)], ["specificity", "--from", str(tmp_path)]):
+        proc = run(*command)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'result.json'} is corrupt "
+                                                    f"(not valid JSON: Expecting ',' delimiter: line 1 column 16 "
+                                                    f"(char 15))"], proc.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["eval"], ["heads"], ["locate"], ["specificity"], ["universal"],
+                                     ["compare"], ["report"], ["export"], ["neurons"], ["density"], ["compress"]])
 def test_help_on_every_command(command):
     proc = run(*command, "--help")
     assert proc.returncode == 0 and "Usage" in proc.stdout
@@ -43,7 +63,7 @@ def test_help_on_every_command(command):
 
 @pytest.mark.slow
 def test_heads_lists_kv_groups():
-    proc = run("heads", "--as-json")
+    proc = run("heads", "--json")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert len(info["heads"]) == 270
@@ -54,7 +74,7 @@ def test_heads_lists_kv_groups():
 def test_eval_layer0_ablation_shows_large_drop(tmp_path):
     out = tmp_path / "eval.json"
     proc = run("eval", "--subtask", "2D+", "--n", "50", "--ablate",
-               ",".join(f"L0H{h}" for h in range(9)), "--json", str(out), "--quiet")
+               ",".join(f"L0H{h}" for h in range(9)), "--json-file", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     acc = report["metrics"]["acc"]
@@ -74,7 +94,7 @@ def test_locate_on_embedded_model_writes_result(tmp_path):
     assert [h["rank"] for h in result["heads"]] == [1, 2, 3]
     assert all(h["head"].startswith("L") for h in result["heads"])
     assert len(result["head_scores"]) == 270 and len(result["ranking"]) == 270
-    assert result["method"]["name"] == "css" and result["method"]["seed"] == 0
+    assert result["method"]["name"] == "csb" and result["method"]["seed"] == 0
     assert result["budget"]["evaluations"] == 24 and result["budget"]["wall_seconds"] > 0
     assert len(result["validation"]["acc"]) == 3
     assert 0 <= result["details"]["coverage"]["max_ablations_per_head"] - result["details"]["coverage"][

@@ -61,3 +61,32 @@ def test_three_shot_addition_baseline_and_layer0_drop(smollm):
         generated = text.startswith(item.target) and not text[len(item.target):][:1].isdigit()
         assert result.scores["acc"][0, i] == float(generated), (item.context, text)
     assert np.all(result.scores["logprob"] <= 0)
+
+
+def test_neuron_ablation_is_exact_on_the_embedded_model(smollm):
+    from caploc.ablation import neuron_ablation
+    from caploc.neurons import Neuron, neuron_layout
+
+    model, tok = smollm.model, smollm.tokenizer
+    layout = neuron_layout(model)
+    assert (layout.n_layers, layout.n_units) == (30, 1536)
+    chosen = [Neuron(0, 10), Neuron(12, 700), Neuron(29, 1535)]
+    ids = torch.tensor([tok("Question: What is 48 plus 76?\nAnswer: 124")["input_ids"]])
+    edited = copy.deepcopy(model)
+    arch.zero_neuron_weights(edited, chosen)
+    mask = torch.zeros(1, layout.n_total, dtype=torch.bool)
+    mask[0, [layout.index(n) for n in chosen]] = True
+    with torch.no_grad(), neuron_ablation(model) as ablation:
+        reference = edited(ids).logits
+        ablation.set_mask(mask)
+        hooked = model(ids).logits
+    assert (hooked - reference).abs().max().item() <= 1e-5
+
+
+def test_density_and_wanda_for_every_head_of_the_embedded_model(smollm):
+    from caploc.cgc import density
+
+    report = density(smollm, n_tokens=1024, window=128, steps=30)
+    assert len(report["density"]) == len(report["wanda"]) == 270
+    assert all(0 <= v <= 1 for v in report["density"]) and all(v > 0 for v in report["wanda"])
+    assert np.isfinite(report["spearman_density_wanda"])

@@ -160,6 +160,23 @@ def head_ablation(model: nn.Module, mode: str = "zero") -> MaskedProjectionInput
     return MaskedProjectionInputs(arch.attn_out_projs(model), layout.n_heads, layout.head_dim, mode)
 
 
+def neuron_ablation(model: nn.Module, mode: str = "zero") -> MaskedProjectionInputs:
+    """MLP neurons: unit i of a layer is input i of its down projection (unit_dim 1)."""
+    from caploc.neurons import neuron_layout
+
+    layout = neuron_layout(model)
+    return MaskedProjectionInputs(arch.mlp_down_projs(model), layout.n_units, 1, mode)
+
+
+COMPONENTS = {"heads": head_ablation, "neurons": neuron_ablation}
+
+
+def component_ablation(model: nn.Module, components: str = "heads", mode: str = "zero") -> MaskedProjectionInputs:
+    if components not in COMPONENTS:
+        raise CaplocError(f"unknown component kind {components!r}: choose one of {', '.join(COMPONENTS)}")
+    return COMPONENTS[components](model, mode)
+
+
 def heads_to_mask(head_sets: Iterable[Iterable[int]], n_total: int) -> torch.Tensor:
     """Bool mask [len(head_sets), n_total] from sets of flat head indices."""
     sets = list(head_sets)

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 
-import time
-
 from caploc.errors import CaplocError
+from caploc.runs import universal_heads
 from caploc.evaluator import Evaluator
-from caploc.methods import DEFAULT_METHOD, Objective, make_method
+from caploc.methods import DEFAULT_MASKS, DEFAULT_METHOD, DEFAULT_SPARSITY, Objective, make_method
 from caploc.models import DEFAULT_MODEL, LoadedModel, cache_dir, load_model
 from caploc.store import EvalStore
 from caploc.stats import bootstrap_mean, paired_drop
@@ -27,8 +27,10 @@ def resolve_task(task: str | Task, **options) -> Task:
     return task if isinstance(task, Task) else get_task(task, **options)
 
 
-def task_options(subtask=None, shots=None, data=None, fewshot_data=None, chat=None) -> dict:
-    return {"subtask": subtask, "shots": shots, "data": data, "fewshot_data": fewshot_data, "chat": chat}
+def task_options(subtask=None, shots=None, data=None, fewshot_data=None, chat=None,
+                 allow_code_execution=None) -> dict:
+    return {"subtask": subtask, "shots": shots, "data": data, "fewshot_data": fewshot_data, "chat": chat,
+            "allow_code_execution": allow_code_execution}
 
 
 def score_summary(base_scores: np.ndarray, ablated_scores: np.ndarray | None, seed: int) -> dict:
@@ -44,11 +46,12 @@ def score_summary(base_scores: np.ndarray, ablated_scores: np.ndarray | None, se
 def evaluate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithmetic", n: int = 100, seed: int = 0,
              ablate: str | list[str] | None = None, *, subtask: str | None = None, shots: int | None = None,
              data: str | None = None, fewshot_data: str | None = None, chat: bool | None = None,
-             dtype: str = "float32", mode: str = "zero", max_new_tokens: int | None = None,
-             progress: bool = False, json_path: str | Path | None = None) -> dict:
+             allow_code_execution: bool | None = None, dtype: str = "float32", mode: str = "zero",
+             max_new_tokens: int | None = None, progress: bool = False,
+             json_path: str | Path | None = None) -> dict:
     """Baseline and ablated scores of a task, with bootstrap 95% intervals and the paired relative drop."""
     lm = resolve_model(model, dtype)
-    task_obj = resolve_task(task, **task_options(subtask, shots, data, fewshot_data, chat))
+    task_obj = resolve_task(task, **task_options(subtask, shots, data, fewshot_data, chat, allow_code_execution))
     heads = lm.layout.parse_list(ablate)
     items = task_obj.items(n, seed)
     evaluator = Evaluator(lm, task_obj, items, mode=mode, progress=progress, max_new_tokens=max_new_tokens)
@@ -62,7 +65,7 @@ def evaluate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arith
         metrics[name] = score_summary(values[0], values[1] if heads else None, seed)
     report = {
         "model": lm.describe(), "task": task_obj.config(), "n": len(items), "seed": seed, "mode": mode,
-        "ablated_heads": [str(h) for h in heads], "metric": _primary_metric(task_obj), "metrics": metrics,
+        "ablated_heads": [str(h) for h in heads], "metric": task_obj.default_metric, "metrics": metrics,
         "budget": evaluator.stats.as_dict(), "task_fingerprint": evaluator.task_fingerprint,
     }
     if json_path:
@@ -70,19 +73,15 @@ def evaluate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arith
     return report
 
 
-def _primary_metric(task: Task) -> str:
-    return task.default_metric
-
-
 def write_json(path: str | Path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default))
+    tmp.write_text(json.dumps(payload, indent=2, default=json_default))
     tmp.replace(path)  # atomic: a killed run never leaves half a result file
 
 
-def _json_default(obj):
+def json_default(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -129,19 +128,25 @@ def drop_curve(evaluator: Evaluator, ranking: list[int], k: int, seed: int) -> d
 
 
 def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithmetic", method: str = DEFAULT_METHOD,
-           k: int = 5, n: int = 100, seed: int = 0, *, n_masks: int = 100, sparsity: float = 0.02, alpha="cv",
+           k: int = 5, n: int = 100, seed: int = 0, *, n_masks: int = DEFAULT_MASKS, sparsity: float = DEFAULT_SPARSITY, alpha="cv",
            metric: str | None = None, n_validate: int | None = None, subtask: str | None = None,
            shots: int | None = None, data: str | None = None, fewshot_data: str | None = None,
-           chat: bool | None = None, dtype: str = "float32", mode: str = "zero", max_new_tokens: int | None = None,
-           exclude: list[str] | None = None, store: str | Path | EvalStore | None = None, out: str | Path | None = None,
-           progress: bool = False) -> dict:
-    """Identify the top-k heads of a capability on `n` items, then validate them on `n_validate` held-out items."""
+           chat: bool | None = None, allow_code_execution: bool | None = None, dtype: str = "float32",
+           mode: str = "zero", max_new_tokens: int | None = None, exclude: str | list[str] | None = None,
+           exclude_universal: str | Path | None = None, store: str | Path | EvalStore | None = None,
+           out: str | Path | None = None, progress: bool = False) -> dict:
+    """Identify the top-k heads of a capability on `n` items, then validate them on `n_validate` held-out items.
+    `exclude` heads, and the heads a `universal` result (`exclude_universal`: its file or directory) flags,
+    are never reported."""
     check_positive("--k", k)
     started = time.perf_counter()
     lm = resolve_model(model, dtype)
-    task_obj = resolve_task(task, **task_options(subtask, shots, data, fewshot_data, chat))
+    options = task_options(subtask, shots, data, fewshot_data, chat, allow_code_execution)
+    task_obj = resolve_task(task, **options)
     metric = metric or identification_metric(task_obj)
-    excluded = [lm.layout.index(h) for h in lm.layout.parse_list(exclude)]
+    excluded_names = lm.layout.parse_list(exclude) + lm.layout.parse_list(universal_heads(exclude_universal)
+                                                                           if exclude_universal else None)
+    excluded = sorted({lm.layout.index(h) for h in excluded_names})
     method_obj = make_method(method, n_masks=n_masks, sparsity=sparsity, alpha=alpha, seed=seed)
     id_items = task_obj.items(n, seed)
     held_out = task_obj.items(n_validate or n, seed, offset=n)
@@ -167,6 +172,7 @@ def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithme
         "command": "locate",
         "model": lm.describe(),
         "task": task_obj.config(),
+        "task_options": {k: v for k, v in options.items() if v is not None and k != "allow_code_execution"},
         "method": {"name": method, **method_obj.params()},
         "k": k, "n": len(id_items), "n_validate": len(held_out), "seed": seed, "mode": mode, "metric": metric,
         "excluded_heads": [str(layout.head(i)) for i in excluded],
@@ -195,3 +201,11 @@ def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithme
         write_json(Path(out) / "result.json", report)
     return report
 
+
+
+# analyses, reports and edits live in their own modules; the API exposes them under the CLI's names
+from caploc.analysis import compare, specificity, universal  # noqa: E402
+from caploc.cnl import neurons  # noqa: E402
+from caploc.cgc import compress, density  # noqa: E402
+from caploc.edits import export  # noqa: E402
+from caploc.reports import report  # noqa: E402

@@ -85,6 +85,23 @@ def _in_features(proj: nn.Module, spec: ArchSpec) -> int:
     return proj.weight.shape[0] if spec.conv1d else proj.weight.shape[1]
 
 
+def in_features(proj: nn.Module, model: nn.Module) -> int:
+    return _in_features(proj, arch_spec(model))
+
+
+@torch.no_grad()
+def zero_neuron_weights(model: nn.Module, neurons) -> None:
+    """Zero the down-projection columns of the given MLP neurons in place (the reference for neuron ablation)."""
+    spec = arch_spec(model)
+    projs = mlp_down_projs(model)
+    for neuron in neurons:
+        weight = projs[neuron.layer].weight
+        if spec.conv1d:
+            weight[neuron.unit, :] = 0
+        else:
+            weight[:, neuron.unit] = 0
+
+
 @torch.no_grad()
 def zero_head_weights(model: nn.Module, heads, layout: HeadLayout) -> None:
     """Zero the output-projection columns of the given heads in place: the reference ablation and the

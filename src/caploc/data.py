@@ -77,3 +77,27 @@ def require_fields(records: list[dict], fields: tuple[str, ...], source: str) ->
         missing = [f for f in fields if f not in record]
         if missing:
             raise CaplocError(f"{source}: record {i} lacks field(s) {', '.join(missing)}; expected {', '.join(fields)}")
+
+
+def split_exemplars(name: str, data: str, records: list[dict], shots: int, fields: tuple[str, ...], key: str,
+                    fewshot_data: str | None, fewshot_split: str, config: str | None,
+                    preferred=None) -> tuple[list[dict], list[dict]]:
+    """(few-shot exemplars, scored records): exemplars from `fewshot_data`, else the hub's `fewshot_split`,
+    else set aside from the single file (`preferred` ones first, else its first `shots` records). Records
+    whose `key` matches an exemplar's are never scored."""
+    if fewshot_data:
+        pool = load_records(fewshot_data, split=fewshot_split, config=config)
+        require_fields(pool, fields, fewshot_data)
+    elif is_hub_source(data):
+        pool = load_records(data, split=fewshot_split, config=config)
+    else:
+        chosen = [r for r in records if preferred and preferred(r)]
+        pool = chosen if len(chosen) >= shots else records[:shots]
+    if len(pool) < shots:
+        raise CaplocError(f"{name}: {shots} few-shot exemplars requested, only {len(pool)} available")
+    exemplars = pool[:shots]
+    used = {r[key] for r in exemplars}
+    scored = [r for r in records if r[key] not in used]
+    if not scored:
+        raise CaplocError(f"{name}: no items left in {data} after setting aside the few-shot exemplars")
+    return exemplars, scored

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from caploc.ablation import head_ablation, heads_to_mask
+from caploc.ablation import component_ablation, heads_to_mask
 from caploc.errors import CaplocError
 from caploc.models import LoadedModel
 from caploc.tasks.base import Item, Task
@@ -70,7 +70,10 @@ class EvalStats:
 class Evaluator:
     def __init__(self, lm: LoadedModel, task: Task, items: list[Item], *, mode: str = "zero",
                  batch_tokens: int = 8192, store=None, progress: bool = False,
-                 reference_items: list[Item] | None = None, max_new_tokens: int | None = None):
+                 reference_items: list[Item] | None = None, max_new_tokens: int | None = None,
+                 components: str = "heads", scale: float = 0.0):
+        """`components`: what a mask column is (attention heads, or MLP neurons); `scale`: what a masked
+        component is multiplied by (0 ablates; above 1 enhances)."""
         if not items:
             raise CaplocError("no items to evaluate")
         self.lm = lm
@@ -84,7 +87,9 @@ class Evaluator:
         self.stats = EvalStats()
         self._memory: dict[bytes, dict] = {}  # this evaluator's own results: a mask is never run twice
         self.device = next(lm.model.parameters()).device
-        self.ablation = head_ablation(lm.model, mode)
+        self.components = components
+        self.scale = float(scale)
+        self.ablation = component_ablation(lm.model, components, mode)
         self.ablation.attach()
         self._sequences = self._tokenize_sequences() if task.kind in ("target", "choice") else None
         if mode == "mean":
@@ -92,6 +97,8 @@ class Evaluator:
         self.task_fingerprint = task.fingerprint(self.items)
         self._key = {"model": lm.fingerprint, "task": self.task_fingerprint, "mode": self.mode,
                      "max_new_tokens": self.max_new_tokens if task.kind == "generate" else None}
+        if components != "heads" or self.scale != 0.0:  # head ablation keeps the keys it always had
+            self._key |= {"components": components, "scale": self.scale}
 
     def close(self) -> None:
         self.ablation.detach()
@@ -99,7 +106,14 @@ class Evaluator:
     # -- public --------------------------------------------------------------------------------------
     @property
     def n_heads(self) -> int:
-        return self.lm.layout.n_total
+        """Mask width: the number of components (heads, or neurons)."""
+        return self.ablation.n_total
+
+    def _set_rows(self, mask: torch.Tensor) -> None:
+        if self.scale == 0.0:
+            self.ablation.set_mask(mask)
+        else:
+            self.ablation.set_scales(torch.where(mask.bool(), self.scale, 1.0))
 
     def key(self) -> dict:
         """What identifies an evaluation besides its mask (the store's key)."""
@@ -118,6 +132,8 @@ class Evaluator:
             cached = self._memory.get(mask[row].numpy().tobytes())
             if cached is None and self.store is not None:
                 cached = self.store.get(self.key(), mask[row])
+                if cached is not None and not set(metrics) <= set(cached["scores"]):
+                    cached = None  # stored by a version that computed fewer metrics: recompute
                 if cached is not None:
                     self.stats.reused += 1
                     self._memory[mask[row].numpy().tobytes()] = cached
@@ -146,12 +162,21 @@ class Evaluator:
         prefixes = {s.prefix for s in self._sequences}
         return sum(len(p) for p in prefixes) + sum(len(s.context) + len(s.continuation) - 1 for s in self._sequences)
 
+    def target_tokens(self) -> np.ndarray:
+        """Tokens of each item's known target (for perplexity: exp(-logprob.sum() / target_tokens.sum()))."""
+        if self.task.kind != "target":
+            raise CaplocError("target_tokens() needs a known-target task")
+        counts = np.zeros(len(self.items))
+        for seq in self._sequences:
+            counts[seq.item] = len(seq.continuation)
+        return counts
+
     def baseline(self) -> EvalResult:
         return self.evaluate(torch.zeros(1, self.n_heads, dtype=torch.bool))
 
     # -- internals -----------------------------------------------------------------------------------
     def metric_names(self) -> tuple[str, ...]:
-        return {"target": ("acc", "logprob"), "choice": ("acc", "acc_norm", "logprob"),
+        return {"target": ("acc", "logprob"), "choice": ("acc", "acc_norm", "logprob", "logprob_all"),
                 "generate": self.task.metrics[:1]}[self.task.kind]
 
     def _as_mask(self, masks) -> torch.Tensor:
@@ -282,7 +307,7 @@ class Evaluator:
 
     def _run_prefix(self, prefix: tuple[int, ...], mask: torch.Tensor):
         ids = torch.tensor([prefix], device=self.device).expand(mask.shape[0], -1)
-        self.ablation.set_mask(mask)
+        self._set_rows(mask)
         try:
             out = self.lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         finally:
@@ -313,7 +338,7 @@ class Evaluator:
             kwargs["past_key_values"] = cache
             kwargs["position_ids"] = (torch.arange(width, device=self.device) + prefix_len)[None].expand(
                 rows_ids.shape[0], -1)
-        self.ablation.set_mask(row_mask)
+        self._set_rows(row_mask)
         try:
             logits = self.lm.model(input_ids=rows_ids, use_cache=prefix_cache is not None,
                                    logits_to_keep=keep, **kwargs).logits
@@ -344,6 +369,7 @@ class Evaluator:
         acc = np.zeros((n_masks, len(self.items)))
         acc_norm = np.zeros_like(acc)
         correct_lp = np.zeros_like(acc)
+        all_lp = np.zeros_like(acc)  # mean log-likelihood over every choice: collapses under universal heads
         by_item: dict[int, list[int]] = {}
         for s, seq in enumerate(self._sequences):
             by_item.setdefault(seq.item, []).append(s)
@@ -354,7 +380,8 @@ class Evaluator:
             acc[:, i] = lp.argmax(axis=1) == label
             acc_norm[:, i] = (lp / chars).argmax(axis=1) == label
             correct_lp[:, i] = lp[:, label]
-        return {"acc": acc, "acc_norm": acc_norm, "logprob": correct_lp}
+            all_lp[:, i] = lp.mean(axis=1)
+        return {"acc": acc, "acc_norm": acc_norm, "logprob": correct_lp, "logprob_all": all_lp}
 
     # generation -----------------------------------------------------------------------------------
     def _prompt_ids(self, item: Item) -> list[int]:
@@ -380,7 +407,7 @@ class Evaluator:
                 attn[r, width - len(prompts[i]):] = 1
             rows_ids = ids.repeat(n_masks, 1).to(self.device)
             rows_attn = attn.repeat(n_masks, 1).to(self.device)
-            self.ablation.set_mask(mask.to(self.device).repeat_interleave(len(idx), dim=0))
+            self._set_rows(mask.to(self.device).repeat_interleave(len(idx), dim=0))
             try:
                 gen_kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)
                 if self.task.stop:

@@ -9,10 +9,14 @@ from caploc.methods.greedy import Greedy, OneShotGreedy
 from caploc.methods.search import HyperSearch
 
 METHODS = ("css", "csb", "1s-greedy", "greedy", "search")
-DEFAULT_METHOD = "css"
+# bench/locate_budget.py (SmolLM2, 2D+): Bernoulli CS at m=100, p=0.05 kept the largest share of iterative
+# greedy's held-out drop (84%) at 7.5% of its model tokens; see the README's table
+DEFAULT_METHOD = "csb"
+DEFAULT_MASKS = 100
+DEFAULT_SPARSITY = 0.05
 
 
-def make_method(name: str, *, n_masks: int = 100, sparsity: float = 0.02, alpha="cv", seed: int = 0) -> Method:
+def make_method(name: str, *, n_masks: int = DEFAULT_MASKS, sparsity: float = DEFAULT_SPARSITY, alpha="cv", seed: int = 0) -> Method:
     if name == "greedy":
         return Greedy()
     if name == "1s-greedy":
@@ -25,4 +29,4 @@ def make_method(name: str, *, n_masks: int = 100, sparsity: float = 0.02, alpha=
 
 
 __all__ = ["Method", "MethodResult", "Objective", "CompressedSensing", "Greedy", "OneShotGreedy", "HyperSearch",
-           "METHODS", "DEFAULT_METHOD", "make_method", "bernoulli_design", "stratified_design"]
+           "METHODS", "DEFAULT_METHOD", "DEFAULT_MASKS", "DEFAULT_SPARSITY", "make_method", "bernoulli_design", "stratified_design"]

@@ -128,5 +128,9 @@ class CompressedSensing(Method):
                          "mean_heads_per_mask": float(design.sum(1).mean())},
             "nonzero_coefficients": int((fit["coef"] != 0).sum()),
         }
+        if details["nonzero_coefficients"] == 0:
+            details["warning"] = ("the Lasso kept no coefficient, so the ranking is by marginal effect alone; with "
+                                  f"{usage.mean():.1f} ablations per head on average, use more masks or a higher "
+                                  "sparsity (masks x sparsity >= 2)")
         return MethodResult(ranking=rank_from_fit(fit["coef"], marginal), head_scores=-fit["coef"],
                             score_name="-lasso coefficient", details=details)

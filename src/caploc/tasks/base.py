@@ -4,8 +4,8 @@ Three scoring kinds, all evaluated by the one `Evaluator`:
 - "target": the correct continuation is known (Arithmetic). One teacher-forced pass gives
   `acc` (greedy decoding would produce exactly the target: argmax matches at every target position)
   and `logprob` (log-probability of the target, a continuous score).
-- "choice": multiple choice by log-likelihood: `acc`, `acc_norm` (per-character normalized), and
-  `logprob` of the correct choice.
+- "choice": multiple choice by log-likelihood: `acc`, `acc_norm` (per-character normalized),
+  `logprob` of the correct choice, and `logprob_all`, the mean log-likelihood of all choices.
 - "generate": greedy generation up to a stop string, scored by the task (`score`).
 """
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from caploc.data import is_hub_source, load_records, require_fields
+from caploc.data import load_records, require_fields, split_exemplars
 from caploc.errors import CaplocError
 from caploc.tasks.base import Item, Task
 
@@ -59,21 +59,9 @@ class GSM8K(Task):
         self.data = data
         records = load_records(data, split=split, config=config)
         require_fields(records, ("question", "answer"), data)
-        if fewshot_data:
-            shots_pool = load_records(fewshot_data, split=fewshot_split, config=config)
-            require_fields(shots_pool, ("question", "answer"), fewshot_data)
-        elif is_hub_source(data):
-            shots_pool = load_records(data, split=fewshot_split, config=config)
-        else:
-            # one file only: the first `shots` records become exemplars and are never scored
-            shots_pool, records = records[:shots], records[shots:]
-        if len(shots_pool) < shots:
-            raise CaplocError(f"gsm8k: {shots} few-shot exemplars requested, only {len(shots_pool)} available")
-        self.exemplars = shots_pool[:shots]
-        exemplar_questions = {r["question"] for r in self.exemplars}
-        self.records = [r for r in records if r["question"] not in exemplar_questions]
-        if not self.records:
-            raise CaplocError(f"gsm8k: no items left in {data} after setting aside the few-shot exemplars")
+        # one file only: its first `shots` records become exemplars and are never scored
+        self.exemplars, self.records = split_exemplars("gsm8k", data, records, shots, ("question", "answer"),
+                                                       "question", fewshot_data, fewshot_split, config)
         self._prefix = "".join(f"{format_question(r['question'])} {r['answer'].strip()}\n\n" for r in self.exemplars)
 
     def config(self) -> dict:

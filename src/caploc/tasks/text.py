@@ -1,0 +1,59 @@
+"""Offline text for token streams and perplexity: the documentation topics that ship with CPython
+(`pydoc_data.topics`, about 465k characters of English prose and code from the Python reference manual).
+
+`text_stream()` is the ordered text; `TextPerplexity` scores chunks of it as known targets (the chunk after
+its first words), so perplexity = exp(-sum of target log-probabilities / target tokens) goes through the
+one evaluator like any task. Chunks come from the stream's last `held_out` share, which SAE training
+(caploc.cgc) never reads.
+"""
+
+from __future__ import annotations
+
+from caploc.tasks.base import Item, Task
+
+HELD_OUT_SHARE = 0.2
+
+
+def text_stream() -> str:
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    return "\n\n".join(topics[key].strip() for key in sorted(topics))
+
+
+def split_stream(held_out: float = HELD_OUT_SHARE) -> tuple[str, str]:
+    """(training part, held-out part) of the stream, cut at a paragraph boundary."""
+    text = text_stream()
+    cut = text.rfind("\n\n", 0, int(len(text) * (1 - held_out)))
+    return text[:cut], text[cut + 2:]
+
+
+class TextPerplexity(Task):
+    name = "text"
+    kind = "target"
+    default_metric = "logprob"
+
+    def __init__(self, chunk_chars: int = 600):
+        super().__init__(shots=0, chat=False)
+        self.chunk_chars = chunk_chars
+        _, held_out = split_stream()
+        self.chunks = []
+        start = 0
+        while start < len(held_out):
+            end = held_out.find(" ", start + chunk_chars)
+            end = len(held_out) if end == -1 else end
+            chunk = held_out[start:end].strip()
+            if len(chunk.split()) > 8:
+                self.chunks.append(chunk)
+            start = end
+
+    def config(self) -> dict:
+        return super().config() | {"source": "pydoc_data.topics (held-out share)", "chunk_chars": self.chunk_chars}
+
+    def pool(self, seed: int, needed: int) -> list[Item]:
+        items = []
+        for i, chunk in enumerate(self.chunks):
+            words = chunk.split(" ")
+            context, target = " ".join(words[:4]), " " + " ".join(words[4:])
+            items.append(Item(id=f"text-{i}", context=context, target=target))
+        return self.shuffled(items, seed, "text")
