@@ -97,6 +97,8 @@ def test_locate_on_embedded_model_writes_result(tmp_path):
     assert result["method"]["name"] == "csb" and result["method"]["seed"] == 0
     assert result["budget"]["evaluations"] == 24 and result["budget"]["wall_seconds"] > 0
     assert len(result["validation"]["acc"]) == 3
-    assert 0 <= result["details"]["coverage"]["max_ablations_per_head"] - result["details"]["coverage"][
-        "min_ablations_per_head"] <= 1
+    # the default Bernoulli design at p=0.05: about 24 x 0.05 = 1.2 ablations per head
+    coverage = result["details"]["coverage"]
+    assert 0 <= coverage["min_ablations_per_head"] <= coverage["max_ablations_per_head"]
+    assert 5 <= coverage["mean_heads_per_mask"] <= 25
     assert "drop on held-out items" in proc.stdout

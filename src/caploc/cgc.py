@@ -166,7 +166,7 @@ def _spearman(a, b) -> float:
 
 
 def density(model: str | LoadedModel = DEFAULT_MODEL, *, n_tokens: int = 8192, window: int = 128,
-            expansion: int = 4, l1: float = 1e-3, steps: int = 300, seed: int = 0, from_run: str | Path | None = None,
+            expansion: int = 4, l1: float = 0.1, steps: int = 300, seed: int = 0, from_run: str | Path | None = None,
             dtype: str = "float32", out: str | Path | None = None, progress: bool = False) -> dict:
     """Capability density and Wanda importance for every head, and their Spearman correlations (with the
     head scores of a locate run too, when `from_run` is given). Cached per model and parameters."""

@@ -409,7 +409,7 @@ def density(
                                                                    "this locate run's head scores"),
     n_tokens: int = typer.Option(8192, "--tokens", help="SAE training tokens from the offline text stream"),
     expansion: int = typer.Option(4, "--expansion", help="SAE features per head = expansion x head_dim"),
-    l1: float = typer.Option(1e-3, "--l1", help="SAE sparsity penalty"),
+    l1: float = typer.Option(0.1, "--l1", help="SAE sparsity penalty (on unit-mean-norm head outputs)"),
     steps: int = typer.Option(300, "--steps", help="SAE training steps"), seed: int = SeedOpt,
     dtype: str = DtypeOpt, out: Optional[str] = typer.Option(None, "--out", help="directory: OUT/density.json"),
     top: int = typer.Option(10, "--top", help="rows to print"),

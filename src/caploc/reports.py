@@ -112,7 +112,13 @@ def plot_specificity(spec: dict, capability: str | None, path: Path) -> Path:
         highs.append(0)
         colors.append("navy")
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names) + 2), 4))
+    undefined = [i for i, v in enumerate(rel) if not np.isfinite(v)]  # a zero baseline has no relative drop
+    rel = [0.0 if not np.isfinite(v) else v for v in rel]
+    lows = [0.0 if not np.isfinite(v) else v for v in lows]
+    highs = [0.0 if not np.isfinite(v) else v for v in highs]
     ax.bar(range(len(names)), rel, yerr=[lows, highs], color=colors, capsize=4)
+    for i in undefined:
+        ax.text(i, 0, "baseline 0:\nno relative drop", ha="center", va="bottom", fontsize=7, color="dimgray")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([f"{n}\n({spec['tasks'][n]['metric']})" if n in spec["tasks"] else n for n in names],
