@@ -115,6 +115,8 @@ def test_cnl_recovers_planted_neurons(method, tmp_path, monkeypatch):
     located = report["ablation"]["task"]
     assert located["located"]["drop"] > 0 and located["random"]["drop"] == 0  # random neurons are inert
     assert (tmp_path / "run" / "neurons.json").exists()
+    assert [e["factor"] for e in report["enhancement"]] == [1.1, 1.3, 2.0]
+    assert all(e["metrics"]["logprob"]["drop"] != 0 for e in report["enhancement"])
     # a second run reads the attributions back from the cache and the evaluations from the store
     again = neurons(lm, task, n=16, method=method, steps=4, top_q=0.02, min_share=0.5, general=None,
                     store=EvalStore(tmp_path / "s.sqlite"))

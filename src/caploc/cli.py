@@ -137,7 +137,7 @@ def _parse_float(text: str, name: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise CaplocError(f"{name} must be 'cv' or a number, got {text!r}") from None
+        raise CaplocError(f"{name}: not a number: {text!r}") from None
 
 
 def print_locate(report: dict) -> None:
@@ -366,7 +366,7 @@ def neurons(
     steps: int = typer.Option(8, "--steps", help="integrated-gradient steps"),
     top_q: float = typer.Option(0.01, "--top-q", help="per item, the top fraction of neurons that counts"),
     min_share: float = typer.Option(0.5, "--min-share", help="share of items a commonality neuron must count in"),
-    enhance: float = typer.Option(2.0, "--enhance", help="factor for the enhancement test"),
+    enhance: str = typer.Option("1.1,1.3,2.0", "--enhance", help="factor(s) for the enhancement test"),
     general: Optional[str] = typer.Option("general", "--general", help="general-capability task for the "
                                           "ablation control ('' to skip)"),
     subtask: Optional[str] = SubtaskOpt, shots: Optional[int] = ShotsOpt, data: Optional[str] = DataOpt,
@@ -376,7 +376,8 @@ def neurons(
 ):
     """Commonality neurons (CNL): MLP neurons consistently attributed across a capability's items."""
     report = api.neurons(model, task, n, seed, method=method, steps=steps, top_q=top_q, min_share=min_share,
-                         enhance=enhance, general=general or None, subtask=subtask, shots=shots, data=data,
+                         enhance=[_parse_float(f, "--enhance") for f in enhance.split(",") if f.strip()],
+                         general=general or None, subtask=subtask, shots=shots, data=data,
                          dtype=dtype, store=store, out=out, progress=not (quiet or as_json))
     emit(report, as_json, json_file, print_neurons)
 
@@ -397,10 +398,11 @@ def print_neurons(report: dict) -> None:
                       _fmt_interval(loc["drop"], loc["drop_low"], loc["drop_high"]), f"{loc['relative_drop']:.1%}",
                       _fmt_interval(rnd["drop"], rnd["drop_low"], rnd["drop_high"]), f"{rnd['relative_drop']:.1%}")
     console.print(table)
-    e = report["enhancement"]
-    console.print(f"enhancement x{e['factor']}: " + ", ".join(
-        f"{m} {v['baseline']:.3f} -> {v['ablated']:.3f}" for m, v in e["metrics"].items())
-        + f"; {report['wall_seconds']:.1f} s")
+    for e in report["enhancement"]:
+        console.print(f"enhancement x{e['factor']} (split B): " + ", ".join(
+            f"{m} {v['baseline']:.3f} -> {v['ablated']:.3f} (random neurons: {e['random_metrics'][m]['ablated']:.3f})"
+            for m, v in e["metrics"].items()))
+    console.print(f"{report['wall_seconds']:.1f} s")
 
 
 @app.command()
