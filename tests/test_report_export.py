@@ -77,7 +77,9 @@ def test_report_errors_are_clear(tmp_path):
 
 def test_export_round_trip_plain_transformers(smollm, real_run, tmp_path):
     out = tmp_path / "edited"
+    before = {k: v.clone() for k, v in smollm.model.state_dict().items() if "o_proj" in k}
     written = caploc.export(smollm, from_run=real_run, out=out)
+    assert all(torch.equal(v, smollm.model.state_dict()[k]) for k, v in before.items())  # restored
     heads = written["removed_heads"]
     assert heads == json.loads((real_run / "result.json").read_text())["ranking"][:3]
     assert {"config.json", "model.safetensors", "caploc_export.json"} <= {p.name for p in out.iterdir()}

@@ -20,7 +20,8 @@ def export(model: str | LoadedModel | None = None, ablate: str | list[str] | Non
            *, from_run: str | Path | None = None, k: int | None = None, dtype: str = "float32") -> dict:
     """Write `out` (safetensors + config + tokenizer) with the heads' output-projection columns zeroed.
     The heads come from `ablate`, or the top-k of a locate run (`from_run`); the model is the run's when
-    not given. Weights are edited in a copy: a LoadedModel passed in is left untouched."""
+    not given. The columns are zeroed in place only while saving and restored afterwards (no second copy of
+    a large model in memory): a LoadedModel passed in ends up unchanged."""
     from caploc.api import resolve_model
 
     if not out:
@@ -38,16 +39,22 @@ def export(model: str | LoadedModel | None = None, ablate: str | list[str] | Non
     heads = lm.layout.parse_list(ablate)
     if not heads:
         raise CaplocError("no heads to remove")
-    edited = _copy(lm.model)
-    with torch.no_grad():
-        arch.zero_head_weights(edited, heads, lm.layout)
-    for attr in ("hf_quantizer",):  # a model loaded from GGUF must save as plain weights
-        if getattr(edited, attr, None) is not None:
-            setattr(edited, attr, None)
-    if hasattr(edited.config, "quantization_config"):
-        del edited.config.quantization_config
+    model = lm.model
+    projs = arch.attn_out_projs(model)
+    saved = {layer: projs[layer].weight.detach().clone() for layer in sorted({h.layer for h in heads})}
     target.mkdir(parents=True, exist_ok=True)
-    edited.save_pretrained(target, safe_serialization=True)
+    try:
+        with torch.no_grad():
+            arch.zero_head_weights(model, heads, lm.layout)
+        if getattr(model, "hf_quantizer", None) is not None:  # a model loaded from GGUF saves as plain weights
+            model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(target, safe_serialization=True)
+    finally:
+        with torch.no_grad():
+            for layer, weight in saved.items():
+                projs[layer].weight.copy_(weight)
     lm.tokenizer.save_pretrained(target)
     provenance = {"source_model": lm.describe(), "removed_heads": [str(h) for h in heads],
                   "edit": "output-projection input columns of each head set to zero (o_proj / c_proj / dense)",
@@ -55,8 +62,3 @@ def export(model: str | LoadedModel | None = None, ablate: str | list[str] | Non
     (target / PROVENANCE).write_text(json.dumps(provenance, indent=2))
     return {"out": str(target), "removed_heads": provenance["removed_heads"], "model": lm.describe()}
 
-
-def _copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
