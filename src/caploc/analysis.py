@@ -20,6 +20,7 @@ from caploc.evaluator import Evaluator
 from caploc.models import DEFAULT_MODEL, LoadedModel
 from caploc.runs import RESULT, SPECIFICITY, UNIVERSAL, load_run, run_heads
 from caploc.tasks import GENERAL_TASKS, TASKS, Task, get_task
+from caploc.tasks.code import CodeTask
 
 UNIVERSAL_THRESHOLD = 0.1  # relative drop of a task's universality metric that counts as degrading it
 
@@ -42,7 +43,7 @@ def build_tasks(names: list[str | Task], task_options: dict[str, dict] | None,
         if ":" in name and name.split(":", 1)[0] in TASKS:  # "general:reading" = a task with a sub-task
             name, options["subtask"] = name.split(":", 1)
         name = (aliases or {}).get(name, name)
-        if name in ("humaneval", "mbpp") and allow_code_execution is not None:
+        if allow_code_execution is not None and issubclass(TASKS.get(name, Task), CodeTask):
             options.setdefault("allow_code_execution", allow_code_execution)
         task = get_task(name, **options)
         if options.get("subtask") and f"{name}:{options['subtask']}" in names:
@@ -112,12 +113,9 @@ def specificity(model: str | LoadedModel | None = None, heads: str | list[str] |
         # the run's own task is scored on items it did not identify on (offset = its n)
         offset = run["n"] if run is not None and task.name == run["task"]["task"] else 0
         items = task.items(n, seed, offset=offset)
-        evaluator = Evaluator(lm, task, items, mode=mode, store=db, progress=progress,
-                              max_new_tokens=max_new_tokens)
-        try:
+        with Evaluator(lm, task, items, mode=mode, store=db, progress=progress,
+                       max_new_tokens=max_new_tokens) as evaluator:
             result = evaluator.evaluate([[], mask])
-        finally:
-            evaluator.close()
         metrics = {m: api.score_summary(v[0], v[1], seed) for m, v in result.scores.items()}
         rows[task.name] = {"task": task.config(), "n": len(items), "offset": offset, "metric": task.default_metric,
                            **metrics[task.default_metric], "metrics": metrics,
@@ -180,12 +178,9 @@ def universal(model: str | LoadedModel = DEFAULT_MODEL, tasks: str | list[str] =
     relative = np.zeros((len(heads), len(task_objs)))
     for t, task in enumerate(task_objs):
         metric = universality_metric(task)
-        evaluator = Evaluator(lm, task, task.items(n, seed), mode=mode, store=db, progress=progress,
-                              max_new_tokens=max_new_tokens)
-        try:
+        with Evaluator(lm, task, task.items(n, seed), mode=mode, store=db, progress=progress,
+                       max_new_tokens=max_new_tokens) as evaluator:
             result = evaluator.evaluate(masks)
-        finally:
-            evaluator.close()
         means = result.scores[metric].mean(axis=1)
         base = means[0]
         relative[:, t] = (base - means[1:]) / abs(base) if base else 0.0

@@ -54,12 +54,9 @@ def evaluate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arith
     task_obj = resolve_task(task, **task_options(subtask, shots, data, fewshot_data, chat, allow_code_execution))
     heads = lm.layout.parse_list(ablate)
     items = task_obj.items(n, seed)
-    evaluator = Evaluator(lm, task_obj, items, mode=mode, progress=progress, max_new_tokens=max_new_tokens)
-    try:
-        masks = [[]] + ([[lm.layout.index(h) for h in heads]] if heads else [])
+    masks = [[]] + ([[lm.layout.index(h) for h in heads]] if heads else [])
+    with Evaluator(lm, task_obj, items, mode=mode, progress=progress, max_new_tokens=max_new_tokens) as evaluator:
         result = evaluator.evaluate(masks)
-    finally:
-        evaluator.close()
     metrics = {}
     for name, values in result.scores.items():
         metrics[name] = score_summary(values[0], values[1] if heads else None, seed)

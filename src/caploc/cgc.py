@@ -282,12 +282,9 @@ def compress(model: str | LoadedModel = DEFAULT_MODEL, target: float = 0.3,
     text = TextPerplexity()
     evaluations = {}
     for task in [text] + build_tasks(parse_task_list(tasks), task_options, None):
-        evaluator = Evaluator(lm, task, task.items(n, seed), store=db, progress=progress)
-        try:
+        with Evaluator(lm, task, task.items(n, seed), store=db, progress=progress) as evaluator:
             result = evaluator.evaluate(masks)
             counts = evaluator.target_tokens() if task.kind == "target" else None
-        finally:
-            evaluator.close()
         if task is text:
             evaluations["perplexity"] = [float(np.exp(-result.scores["logprob"][m].sum() / counts.sum()))
                                          for m in range(len(masks))]

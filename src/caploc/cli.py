@@ -331,10 +331,11 @@ def report(run: str = typer.Argument(..., help="a locate run directory (runs/NAM
            open_browser: bool = typer.Option(False, "--open", help="open the page in a browser"),
            as_json: bool = JsonOpt):
     """Write report.html (images embedded) and PNG figures for a locate run."""
-    written = api.report(run, out=out, universal_path=universal_path, open_browser=open_browser)
-    if as_json:
-        print(json.dumps(written, indent=2))
-        return
+    emit(api.report(run, out=out, universal_path=universal_path, open_browser=open_browser), as_json, None,
+         print_report)
+
+
+def print_report(written: dict) -> None:
     console.print(f"wrote {written['html']}")
     for name, path in written["figures"].items():
         console.print(f"  {name}: {path}")
@@ -349,11 +350,8 @@ def export(model: Optional[str] = typer.Option(None, "--model", "-m", help="mode
            out: str = typer.Option(..., "--out", help="new directory for the HF checkpoint"),
            dtype: str = DtypeOpt, as_json: bool = JsonOpt):
     """Save an HF checkpoint with the heads' output-projection columns zeroed (loads with plain transformers)."""
-    written = api.export(model, ablate, out, from_run=from_run, k=k, dtype=dtype)
-    if as_json:
-        print(json.dumps(written, indent=2))
-        return
-    console.print(f"wrote {written['out']}: {written['model']['spec']} without {', '.join(written['removed_heads'])}")
+    emit(api.export(model, ablate, out, from_run=from_run, k=k, dtype=dtype), as_json, None,
+         lambda w: console.print(f"wrote {w['out']}: {w['model']['spec']} without {', '.join(w['removed_heads'])}"))
 
 
 @app.command()

@@ -59,21 +59,13 @@ class _Capture:
 
 
 def _answer_rows(lm: LoadedModel, task: Task, items: list[Item]) -> list[tuple[list[int], int]]:
-    """(token ids of prompt + correct answer, index where the answer starts) per item."""
+    """(token ids of prompt + correct answer, index where the answer starts) per item, tokenized by the
+    evaluator exactly as the ablation scores are."""
     if task.kind not in ("target", "choice"):
         raise CaplocError(f"CNL needs a known answer: task {task.name} is a generation task; use a target or "
                           f"multiple-choice task")
-    tok = lm.tokenizer
-    rows = []
-    for item in items:
-        prompt = item.prefix + item.context
-        answer = item.target if task.kind == "target" else item.choices[item.label]
-        prompt_ids = tok(prompt)["input_ids"]
-        ids = tok(prompt + answer)["input_ids"]
-        if ids[: len(prompt_ids)] != prompt_ids or len(ids) == len(prompt_ids):
-            ids = prompt_ids + tok(answer, add_special_tokens=False)["input_ids"]
-        rows.append((ids, len(prompt_ids)))
-    return rows
+    with Evaluator(lm, task, items) as evaluator:
+        return evaluator.answer_sequences()
 
 
 def neuron_attributions(lm: LoadedModel, task: Task, items: list[Item], method: str = "grad", steps: int = 8,
@@ -197,11 +189,8 @@ def neurons(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithm
         general_task = api.resolve_task(general)
         tasks.append(("general", general_task, general_task.items(n_general, seed)))
     for label, t, items in tasks:
-        ablate = Evaluator(lm, t, items, store=db, progress=progress, components="neurons")
-        try:
+        with Evaluator(lm, t, items, store=db, progress=progress, components="neurons") as ablate:
             scores = ablate.evaluate([[], located_a, random_set]).scores
-        finally:
-            ablate.close()
         t_metric = metric if label == "task" else api.identification_metric(t)
         entry = {"task": t.config(), "n": len(items), "metric": t_metric,
                  "located": api.score_summary(scores[t_metric][0], scores[t_metric][1], seed),
@@ -212,12 +201,9 @@ def neurons(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithm
         results[label] = entry
     enhancement = []
     for factor in ([enhance] if isinstance(enhance, (int, float)) else list(enhance)):
-        enhance_eval = Evaluator(lm, task_obj, split_b, store=db, progress=progress, components="neurons",
-                                 scale=factor)
-        try:
+        with Evaluator(lm, task_obj, split_b, store=db, progress=progress, components="neurons",
+                       scale=factor) as enhance_eval:
             enhanced = enhance_eval.evaluate([[], located_a, random_set]).scores
-        finally:
-            enhance_eval.close()
         # "drop" < 0 is an improvement; the random neurons scaled alike are the control
         enhancement.append({"factor": float(factor), "metrics": {
             m: api.score_summary(enhanced[m][0], enhanced[m][1], seed) for m in enhanced},

@@ -103,6 +103,12 @@ class Evaluator:
     def close(self) -> None:
         self.ablation.detach()
 
+    def __enter__(self) -> "Evaluator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- public --------------------------------------------------------------------------------------
     @property
     def n_heads(self) -> int:
@@ -161,6 +167,18 @@ class Evaluator:
             return None
         prefixes = {s.prefix for s in self._sequences}
         return sum(len(p) for p in prefixes) + sum(len(s.context) + len(s.continuation) - 1 for s in self._sequences)
+
+    def answer_sequences(self) -> list[tuple[list[int], int]]:
+        """Per item: the token ids of its prompt followed by its correct answer, and the index where the
+        answer starts, tokenized exactly as the scores are (chat template, joint BPE merges)."""
+        if self._sequences is None:
+            raise CaplocError(f"task {self.task.name} has no known answer (it is a generation task)")
+        rows: list = [None] * len(self.items)
+        for seq in self._sequences:
+            if self.task.kind == "target" or seq.choice == self.items[seq.item].label:
+                ids = list(seq.prefix) + seq.context + seq.continuation
+                rows[seq.item] = (ids, len(ids) - len(seq.continuation))
+        return rows
 
     def target_tokens(self) -> np.ndarray:
         """Tokens of each item's known target (for perplexity: exp(-logprob.sum() / target_tokens.sum()))."""

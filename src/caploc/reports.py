@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from caploc.errors import CaplocError
+from caploc.heads import Head
 from caploc.runs import SPECIFICITY, UNIVERSAL, load_run, read_json
 from caploc.tasks import GENERAL_TASKS
 
@@ -31,11 +32,6 @@ def _pyplot():
     return plt
 
 
-def _head_xy(name: str) -> tuple[int, int]:
-    layer, head = name[1:].upper().split("H")
-    return int(layer), int(head)
-
-
 def plot_heatmap(run: dict, path: Path, universal: list[str] | None = None) -> Path:
     plt = _pyplot()
     model = run["model"]
@@ -47,12 +43,12 @@ def plot_heatmap(run: dict, path: Path, universal: list[str] | None = None) -> P
     bar = fig.colorbar(image, ax=ax)
     bar.set_label(f"head score: {run.get('score_name', 'score')} ({run.get('metric', '')})")
     for rank, entry in enumerate(run["heads"], 1):
-        layer, head = _head_xy(entry["head"])
-        ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2))
-        ax.text(head, layer, str(rank), ha="center", va="center", fontsize=7, fontweight="bold")
+        h = Head.parse(entry["head"])
+        ax.add_patch(plt.Rectangle((h.head - 0.5, h.layer - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2))
+        ax.text(h.head, h.layer, str(rank), ha="center", va="center", fontsize=7, fontweight="bold")
     for name in universal or []:
-        layer, head = _head_xy(name)
-        ax.plot(head, layer, marker="x", color="black", markersize=8, markeredgewidth=1.5)
+        h = Head.parse(name)
+        ax.plot(h.head, h.layer, marker="x", color="black", markersize=8, markeredgewidth=1.5)
     ax.set_xlabel("head (query-head index within the layer)")
     ax.set_ylabel("layer")
     ax.set_xticks(range(n_heads))
