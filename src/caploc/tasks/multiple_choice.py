@@ -199,10 +199,7 @@ class UserChoiceTask(ChoiceTask):
         super().__init__(data, split, subtask)
 
     def select(self, records, subtask):
-        if not subtask:
-            return records
-        wanted = {s.strip() for s in subtask.split(",")}
-        return [r for r in records if r.get("category") in wanted]
+        return by_category(records, subtask)
 
     def to_item(self, r: dict, i: int) -> Item:
         choices = list(r["choices"])
@@ -211,6 +208,14 @@ class UserChoiceTask(ChoiceTask):
             raise CaplocError(f"{self.data}: record {i} answer {r['answer']!r} is not a choice index")
         return Item(id=str(r.get("id", i)), prefix=r.get("prefix", ""), context=r["prompt"],
                     choices=tuple(" " + str(c) for c in choices), label=label, meta={"category": r.get("category")})
+
+
+def by_category(records: list[dict], subtask: str | None) -> list[dict]:
+    """The records whose "category" is one of the comma-separated `subtask` (all when it is empty)."""
+    if not subtask:
+        return records
+    wanted = {s.strip() for s in subtask.split(",")}
+    return [r for r in records if r.get("category") in wanted]
 
 
 GENERAL_FILE = "general.jsonl"

@@ -14,7 +14,7 @@ from pathlib import Path
 from caploc.data import load_records, require_fields
 from caploc.errors import CaplocError
 from caploc.tasks.base import Item, Task
-from caploc.tasks.multiple_choice import UserChoiceTask
+from caploc.tasks.multiple_choice import UserChoiceTask, by_category
 
 
 class UserTargetTask(Task):
@@ -27,7 +27,7 @@ class UserTargetTask(Task):
         records = load_records(data)
         require_fields(records, ("prompt", "target"), data)
         if subtask:
-            records = [r for r in records if r.get("category") in set(subtask.split(","))]
+            records = by_category(records, subtask)
             if not records:
                 raise CaplocError(f"{data}: no records with category in {subtask}")
         self.records = records
