@@ -30,11 +30,11 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-# the main job: locate the 2-digit-addition heads of the embedded model with the default method (csb),
-# validate them on held-out items, write runs/demo/result.json (under 3 minutes on 2 CPU cores)
+# the main job: locate the 2-digit-addition heads of the embedded model with the default method (an AtP screen
+# refined by exact greedy, control task `general`), validate them on held-out items, write runs/demo/result.json
 demo: install
 	$(VENV)/bin/caploc locate --model smollm2-135m --task arithmetic --subtask 2D+ --n 30 --k 5 --seed 0 \
-		--dtype bfloat16 --out runs/demo
+		--out runs/demo
 
 test: install-test
 	$(PY) -m pytest -q

@@ -18,8 +18,9 @@ import time
 import numpy as np
 import torch
 
-from caploc import arch, load_model
+from caploc import load_model
 from caploc.evaluator import Evaluator
+from caploc.sites import head_site
 from caploc.tasks import get_task
 
 
@@ -50,7 +51,7 @@ def seed_style_seconds_per_mask(spec, dtype, task, items, heads_per_mask, masks)
         lm = load_model(spec, dtype=dtype)
         rng = np.random.default_rng(m)
         heads = [lm.layout.head(int(i)) for i in rng.choice(lm.layout.n_total, heads_per_mask, replace=False)]
-        arch.zero_head_weights(lm.model, heads, lm.layout)
+        head_site(lm.model).zero_columns(heads)
         tok = lm.tokenizer
         with torch.no_grad():
             for item in items:

@@ -14,4 +14,4 @@ def smollm():
     """The real embedded model (SmolLM2-135M-Instruct, fp32), loaded once for the whole session."""
     from caploc import load_model
 
-    return load_model("smollm2-135m")
+    return load_model("smollm2-135m", dtype="float32")

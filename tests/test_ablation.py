@@ -7,7 +7,8 @@ import torch
 
 from caploc import arch
 from caploc.ablation import head_ablation, heads_to_mask
-from caploc.heads import Head
+from caploc.components import Head
+from caploc.sites import head_site
 from tiny import ARCHS, build
 
 TOL = 1e-5
@@ -20,7 +21,7 @@ def _ids(batch=3, seq=12, seed=1):
 
 def _zeroed_copy(model, heads):
     edited = copy.deepcopy(model)
-    arch.zero_head_weights(edited, heads, arch.head_layout(edited))
+    head_site(edited).zero_columns(heads)
     return edited
 
 
@@ -33,8 +34,7 @@ def test_hooked_equals_weight_zeroing(name):
     with torch.no_grad():
         reference = _zeroed_copy(model, heads)(ids).logits
         plain = model(ids).logits
-        with head_ablation(model) as ablation:
-            ablation.set_mask(heads_to_mask([[layout.index(h) for h in heads]], layout.n_total))
+        with head_ablation(model).applied(heads_to_mask([[layout.index(h) for h in heads]], layout.n_total)):
             hooked = model(ids).logits
     assert (hooked - reference).abs().max().item() <= TOL
     # the test can fail: the ablation really changes the output
@@ -47,8 +47,7 @@ def test_rows_in_one_batch_are_independent(name):
     layout = arch.head_layout(model)
     sets = [[], [0], [layout.n_total - 1], [1, 2, layout.n_heads]]
     ids = _ids(batch=1).expand(len(sets), -1)
-    with torch.no_grad(), head_ablation(model) as ablation:
-        ablation.set_mask(heads_to_mask(sets, layout.n_total))
+    with torch.no_grad(), head_ablation(model).applied(heads_to_mask(sets, layout.n_total)):
         batched = model(ids).logits
     for row, indices in enumerate(sets):
         edited = _zeroed_copy(model, [layout.head(i) for i in indices])
@@ -64,10 +63,10 @@ def test_no_mask_is_bit_identical_to_unhooked(name):
     ids = _ids()
     with torch.no_grad():
         plain = model(ids).logits
-        with head_ablation(model) as ablation:
-            ablation.set_mask(torch.zeros(3, layout.n_total, dtype=torch.bool))
+        ablation = head_ablation(model)
+        with ablation.applied(torch.zeros(3, layout.n_total, dtype=torch.bool)):
             empty = model(ids).logits
-            ablation.set_mask(None)
+        with ablation.applied(None):
             cleared = model(ids).logits
     assert torch.equal(plain, empty) and torch.equal(plain, cleared)
 
@@ -82,10 +81,9 @@ def test_generate_with_kv_cache_matches_weight_zeroing(name):
     with torch.no_grad():
         reference = _zeroed_copy(model, heads).generate(ids, **kwargs)
         plain = model.generate(ids, **kwargs)
-        with head_ablation(model) as ablation:
-            # row 0 ablated, row 1 untouched: both in one generate() call
-            mask = heads_to_mask([[layout.index(h) for h in heads], []], layout.n_total)
-            ablation.set_mask(mask)
+        # row 0 ablated, row 1 untouched: both in one generate() call
+        mask = heads_to_mask([[layout.index(h) for h in heads], []], layout.n_total)
+        with head_ablation(model).applied(mask):
             hooked = model.generate(ids, **kwargs)
     assert torch.equal(hooked[0], reference[0])
     assert torch.equal(hooked[1], plain[1])
@@ -105,7 +103,7 @@ def test_mean_ablation_replaces_head_output_by_reference_mean():
     handle.remove()
     expected_mean = captured[0][..., head.head * d:(head.head + 1) * d].reshape(-1, d).mean(0)
 
-    ablation = head_ablation(model, mode="mean").attach()
+    ablation = head_ablation(model, mode="mean")
 
     def run_reference(set_weights):
         set_weights(torch.ones(ids.shape))
@@ -114,12 +112,10 @@ def test_mean_ablation_replaces_head_output_by_reference_mean():
     ablation.fit_means(run_reference)
     assert torch.allclose(ablation.means[head.layer, head.head], expected_mean, atol=1e-6)
     seen = []
-    probe = proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
-    with torch.no_grad():
-        ablation.set_mask(heads_to_mask([[layout.index(head)]], layout.n_total))
+    with torch.no_grad(), ablation.applied(heads_to_mask([[layout.index(head)]], layout.n_total)):
+        probe = proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
         model(ids[:1])
-    probe.remove()
-    ablation.detach()
+        probe.remove()
     # hooks run in registration order: the probe, registered after the ablation hook, sees its output
     sliced = seen[0][0, :, head.head * d:(head.head + 1) * d]
     assert torch.allclose(sliced, expected_mean.expand_as(sliced), atol=1e-6)

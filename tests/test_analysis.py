@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from caploc import CaplocError, compare, locate, specificity, universal, wrap_model
-from caploc.analysis import repetition_rate
+from caploc.experiments.suite import repetition_rate
 from caploc.store import EvalStore
 from caploc.tasks import get_task
 from test_methods import PLANTED, PlantedTask, planted_model
@@ -65,7 +65,7 @@ def test_universal_signature_for_generation_tasks(planted, tmp_path):
     assert null["relative_drop"] == {"rhyme": 0.0, "general": 0.0} and not null["universal"]
     sig = next(r for r in report["heads"] if r["head"] == "L1H3")["signature"]["rhyme"]
     assert {"repetition_baseline", "repetition", "baseline", "ablated"} <= set(sig)
-    with pytest.raises(CaplocError, match="min-tasks"):
+    with pytest.raises(CaplocError, match="min_tasks must be between"):
         universal(lm, ["general"], n=2, candidates="L0H0", min_tasks=2)
 
 
@@ -91,7 +91,7 @@ def test_specificity_of_planted_heads_and_from_run(planted, tmp_path):
     assert from_run["heads"] == json.loads((run_dir / "result.json").read_text())["ranking"][:2]
     assert from_run["tasks"]["user_target_mini"]["offset"] == 1
     assert (run_dir / "specificity.json").exists()
-    with pytest.raises(CaplocError, match="--heads"):
+    with pytest.raises(CaplocError, match=r"give the heads to ablate \(heads, .*\) or a locate run \(from_run\)"):
         specificity(lm, tasks=["general"])
 
 

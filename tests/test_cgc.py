@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from caploc import CaplocError, arch, wrap_model
-from caploc.cgc import (BatchedSAE, _apportion, allocate, compress, density, density_from_features, head_outputs,
+from caploc.experiments.density import (BatchedSAE, _apportion, allocate, compress, density, density_from_features, head_outputs,
                         train_sae, wanda_per_head)
 from caploc.store import EvalStore
 from caploc.tasks.text import TextPerplexity, split_stream

@@ -26,6 +26,11 @@ def run(*args, timeout=600):
     (["export", "--ablate", "L0H99", "--out", "/tmp/caploc-never-written"], "head L0H99 does not exist"),
     (["neurons", "--task", "rhyme", "--n", "2"], "CNL needs a known answer"),
     (["compress", "--target", "1.5", "--n", "2"], "--target must be a fraction"),
+    # the library names its parameters; the CLI says which flag sets them
+    (["locate", "--k", "0"], "--k must be positive"),
+    (["locate", "--method", "css", "--sparsity", "2"], "--sparsity must be between 0 and 1"),
+    (["eval", "--task", "humaneval"], "enable it with --allow-code-execution"),
+    (["universal", "--tasks", "general", "--min-tasks", "3"], "--min-tasks must be between 1 and 1"),
 ])
 def test_bad_input_is_one_line_and_nonzero(smollm, args, message):
     # smollm: the dequantized cache is warm, so the one-time "dequantizing" note is not in stderr

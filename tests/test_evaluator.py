@@ -10,7 +10,8 @@ import torch
 from caploc import arch, wrap_model
 from caploc.evaluator import Evaluator
 from caploc.tasks import get_task
-from caploc.tasks.base import Item, Task
+from caploc.sites import head_site
+from caploc.tasks.base import Item, MultipleChoiceTask
 from tiny import ARCHS, build, byte_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -19,7 +20,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 def _reference_scores(model, tok, item, heads, layout):
     """Log-prob of the target and greedy exact match, from one plain forward of a weight-zeroed copy."""
     edited = copy.deepcopy(model)
-    arch.zero_head_weights(edited, [layout.head(i) for i in heads], layout)
+    head_site(edited).zero_columns([layout.head(i) for i in heads])
     prompt = tok(item.prefix + item.context)["input_ids"]
     full = tok(item.prefix + item.context + item.target)["input_ids"]
     target = full[len(prompt):]
@@ -63,9 +64,8 @@ def test_results_do_not_depend_on_batching_or_mask_order():
     assert ev.stats.evaluations == 2
 
 
-class TinyChoice(Task):
+class TinyChoice(MultipleChoiceTask):
     name = "tinychoice"
-    kind = "choice"
 
     def pool(self, seed, needed):
         return [Item(id=str(i), context=f"Pick {i}:", choices=(" a", " bb", " ccc"), label=i % 3)
@@ -102,7 +102,7 @@ def test_generation_task_matches_weight_zeroed_generate():
     evaluator = Evaluator(lm, task, items, max_new_tokens=6)
     result = evaluator.evaluate([[], heads])
     edited = copy.deepcopy(model)
-    arch.zero_head_weights(edited, [lm.layout.head(i) for i in heads], lm.layout)
+    head_site(edited).zero_columns([lm.layout.head(i) for i in heads])
     for i, item in enumerate(items):
         ids = torch.tensor([tok(item.prefix + item.context)["input_ids"]])
         for m, reference_model in enumerate((model, edited)):

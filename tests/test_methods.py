@@ -8,11 +8,12 @@ import transformers as tf
 from caploc import arch, wrap_model
 from caploc.api import locate
 from caploc.evaluator import Evaluator
-from caploc.heads import Head
+from caploc.components import Head
+from caploc.sites import head_site
 from caploc.methods import (CompressedSensing, Greedy, HyperSearch, Objective, OneShotGreedy, bernoulli_design,
                             stratified_design)
 from caploc.store import EvalStore
-from caploc.tasks.base import Item, Task
+from caploc.tasks.base import Item, TargetTask
 from tiny import byte_tokenizer
 
 PLANTED = [Head(1, 3), Head(2, 5), Head(3, 0)]
@@ -28,19 +29,18 @@ def planted_model():
                             tie_word_embeddings=False)
     model = tf.AutoModelForCausalLM.from_config(config).eval()
     layout = arch.head_layout(model)
-    arch.zero_head_weights(model, [h for h in layout.all_heads() if h not in PLANTED], layout)
+    head_site(model).zero_columns([h for h in layout.all_heads() if h not in PLANTED])
     with torch.no_grad():
         for h in PLANTED:
             arch.attn_out_projs(model)[h.layer].weight[:, h.head * 8:(h.head + 1) * 8] *= 4
     return model
 
 
-class PlantedTask(Task):
+class PlantedTask(TargetTask):
     """Targets are the letters the intact model itself prefers: ablating heads that shape the prediction
     lowers their log-probability."""
 
     name = "planted"
-    kind = "target"
 
     def __init__(self, model, tokenizer):
         super().__init__()

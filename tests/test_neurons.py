@@ -9,9 +9,11 @@ import transformers as tf
 
 from caploc import CaplocError, arch, wrap_model
 from caploc.ablation import neuron_ablation
-from caploc.cnl import neuron_attributions, neurons, overlap_stats, select_commonality
+from caploc.experiments.neurons import neuron_attributions, neurons, overlap_stats, select_commonality
 from caploc.evaluator import Evaluator
-from caploc.neurons import Neuron, neuron_layout
+from caploc.arch import neuron_layout
+from caploc.components import Neuron
+from caploc.sites import neuron_site
 from caploc.store import EvalStore
 from test_methods import PlantedTask
 from tiny import ARCHS, build, byte_tokenizer
@@ -26,13 +28,12 @@ def test_neuron_ablation_equals_zeroing_down_projection_columns(name):
     chosen = [Neuron(0, 3), Neuron(1, 50), Neuron(2, layout.n_units - 1)]
     ids = torch.randint(0, 256, (1, 12))
     edited = copy.deepcopy(model)
-    arch.zero_neuron_weights(edited, chosen)
+    neuron_site(edited).zero_columns(chosen)
     mask = torch.zeros(2, layout.n_total, dtype=torch.bool)
     mask[0, [layout.index(n) for n in chosen]] = True
     with torch.no_grad():
         reference, plain = edited(ids).logits, model(ids).logits
-        with neuron_ablation(model) as ablation:
-            ablation.set_mask(mask)
+        with neuron_ablation(model).applied(mask):
             hooked = model(ids.expand(2, -1)).logits
     assert (hooked[0] - reference[0]).abs().max().item() <= 1e-5
     assert torch.equal(hooked[1], plain[0])  # the other row is untouched

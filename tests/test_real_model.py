@@ -10,7 +10,8 @@ import torch
 from caploc import arch, load_model
 from caploc.ablation import head_ablation, heads_to_mask
 from caploc.evaluator import Evaluator
-from caploc.heads import Head
+from caploc.components import Head
+from caploc.sites import head_site, neuron_site
 from caploc.tasks import get_task
 
 pytestmark = pytest.mark.slow
@@ -20,7 +21,7 @@ def test_loads_with_expected_layout_and_cached_reload(smollm):
     assert smollm.layout.describe() == {"n_layers": 30, "n_heads": 9, "n_kv_heads": 3, "head_dim": 64,
                                         "n_heads_total": 270}
     start = time.perf_counter()
-    again = load_model("smollm2-135m")
+    again = load_model("smollm2-135m", dtype="float32")
     assert time.perf_counter() - start < 10  # from the dequantized cache, not a 15 s GGUF conversion
     assert again.fingerprint == smollm.fingerprint
 
@@ -30,12 +31,11 @@ def test_ablation_is_exact_against_weight_zeroing(smollm):
     heads = [Head(0, 3), Head(14, 7), Head(29, 0)]
     ids = torch.tensor([tok("Question: What is 48 plus 76?\nAnswer: 124")["input_ids"]])
     edited = copy.deepcopy(model)
-    arch.zero_head_weights(edited, heads, layout)
+    head_site(edited).zero_columns(heads)
     with torch.no_grad():
         reference = edited(ids).logits
         plain = model(ids).logits
-        with head_ablation(model) as ablation:
-            ablation.set_mask(heads_to_mask([[layout.index(h) for h in heads], []], layout.n_total))
+        with head_ablation(model).applied(heads_to_mask([[layout.index(h) for h in heads], []], layout.n_total)):
             hooked = model(ids.expand(2, -1)).logits
     assert (hooked[0] - reference[0]).abs().max().item() <= 1e-5
     assert torch.equal(hooked[1], plain[0])
@@ -65,7 +65,8 @@ def test_three_shot_addition_baseline_and_layer0_drop(smollm):
 
 def test_neuron_ablation_is_exact_on_the_embedded_model(smollm):
     from caploc.ablation import neuron_ablation
-    from caploc.neurons import Neuron, neuron_layout
+    from caploc.arch import neuron_layout
+    from caploc.components import Neuron
 
     model, tok = smollm.model, smollm.tokenizer
     layout = neuron_layout(model)
@@ -73,18 +74,18 @@ def test_neuron_ablation_is_exact_on_the_embedded_model(smollm):
     chosen = [Neuron(0, 10), Neuron(12, 700), Neuron(29, 1535)]
     ids = torch.tensor([tok("Question: What is 48 plus 76?\nAnswer: 124")["input_ids"]])
     edited = copy.deepcopy(model)
-    arch.zero_neuron_weights(edited, chosen)
+    neuron_site(edited).zero_columns(chosen)
     mask = torch.zeros(1, layout.n_total, dtype=torch.bool)
     mask[0, [layout.index(n) for n in chosen]] = True
-    with torch.no_grad(), neuron_ablation(model) as ablation:
+    with torch.no_grad():
         reference = edited(ids).logits
-        ablation.set_mask(mask)
-        hooked = model(ids).logits
+        with neuron_ablation(model).applied(mask):
+            hooked = model(ids).logits
     assert (hooked - reference).abs().max().item() <= 1e-5
 
 
 def test_density_and_wanda_for_every_head_of_the_embedded_model(smollm):
-    from caploc.cgc import density
+    from caploc.experiments.density import density
 
     report = density(smollm, n_tokens=1024, window=128, steps=30)
     assert len(report["density"]) == len(report["wanda"]) == 270

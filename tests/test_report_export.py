@@ -98,10 +98,10 @@ def test_export_round_trip_plain_transformers(smollm, real_run, tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
     exported = torch.from_numpy(np.load(tmp_path / "exported.npy"))
     layout = smollm.layout
-    with torch.no_grad(), head_ablation(smollm.model) as ablation:
-        ablation.set_mask(heads_to_mask([[layout.index(h) for h in layout.parse_list(heads)]], layout.n_total))
-        hooked = smollm.model(ids).logits
-        ablation.clear()
+    with torch.no_grad():
+        with head_ablation(smollm.model).applied(
+                heads_to_mask([[layout.index(h) for h in layout.parse_list(heads)]], layout.n_total)):
+            hooked = smollm.model(ids).logits
         plain = smollm.model(ids).logits
     assert (exported - hooked).abs().max().item() <= 1e-5
     assert (plain - hooked).abs().max().item() > 1e-3  # the edit is real

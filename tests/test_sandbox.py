@@ -123,7 +123,7 @@ def test_run_continues_after_a_bad_program():
 
 def test_code_execution_needs_explicit_opt_in(monkeypatch):
     monkeypatch.delenv(ENABLE_ENV, raising=False)
-    with pytest.raises(CaplocError, match="allow-code-execution"):
+    with pytest.raises(CaplocError, match="enable it with allow_code_execution"):
         require_code_execution("humaneval")
     require_code_execution("humaneval", allow=True)
     monkeypatch.setenv(ENABLE_ENV, "1")

@@ -151,7 +151,7 @@ def test_user_files_by_path(tiny_lm, tmp_path):
 # -- code --------------------------------------------------------------------------------------------------
 def test_code_tasks_need_explicit_opt_in(monkeypatch):
     monkeypatch.delenv("CAPLOC_ALLOW_CODE_EXECUTION", raising=False)
-    with pytest.raises(CaplocError, match="allow-code-execution"):
+    with pytest.raises(CaplocError, match="enable it with allow_code_execution"):
         get_task("humaneval")
     assert get_task("humaneval", allow_code_execution=True).name == "humaneval"
 

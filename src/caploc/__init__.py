@@ -1,12 +1,11 @@
 """caploc: find which components of a transformer carry a capability, and prove it by ablation."""
 
-from caploc.errors import CaplocError
-from caploc.heads import Head, HeadLayout
+from caploc.api import *  # noqa: F403 - the public API is api's
+from caploc.api import __all__ as _api_all
+from caploc.components import Head, HeadLayout, Neuron, NeuronLayout
+from caploc.errors import CaplocError, ParameterError
 from caploc.models import load_model, wrap_model
-from caploc.api import (compare, compress, density, evaluate, export, locate, neurons, report, specificity,
-                        universal)
 
-__version__ = "0.1.0"
-__all__ = ["CaplocError", "Head", "HeadLayout", "load_model", "wrap_model", "evaluate", "locate", "specificity",
-           "universal", "compare", "report", "export", "neurons",
-           "density", "compress", "__version__"]
+__version__ = "0.2.0"
+__all__ = ["CaplocError", "ParameterError", "Head", "HeadLayout", "Neuron", "NeuronLayout", "load_model",
+           "wrap_model", *_api_all, "__version__"]

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from caploc.errors import CaplocError
-from caploc.heads import HeadLayout
+from caploc.components import HeadLayout, NeuronLayout
 
 
 @dataclass(frozen=True)
@@ -89,31 +88,7 @@ def in_features(proj: nn.Module, model: nn.Module) -> int:
     return _in_features(proj, arch_spec(model))
 
 
-@torch.no_grad()
-def zero_neuron_weights(model: nn.Module, neurons) -> None:
-    """Zero the down-projection columns of the given MLP neurons in place (the reference for neuron ablation)."""
-    spec = arch_spec(model)
-    projs = mlp_down_projs(model)
-    for neuron in neurons:
-        weight = projs[neuron.layer].weight
-        if spec.conv1d:
-            weight[neuron.unit, :] = 0
-        else:
-            weight[:, neuron.unit] = 0
-
-
-@torch.no_grad()
-def zero_head_weights(model: nn.Module, heads, layout: HeadLayout) -> None:
-    """Zero the output-projection columns of the given heads in place: the reference ablation and the
-    way an edited model is exported."""
-    spec = arch_spec(model)
-    projs = attn_out_projs(model)
-    d = layout.head_dim
-    for head in heads:
-        layout.validate(head)
-        cols = slice(head.head * d, (head.head + 1) * d)
-        weight = projs[head.layer].weight
-        if spec.conv1d:
-            weight[cols, :] = 0
-        else:
-            weight[:, cols] = 0
+def neuron_layout(model: nn.Module) -> NeuronLayout:
+    """MLP neurons: unit i of layer l is input i of that layer's down projection."""
+    down = mlp_down_projs(model)
+    return NeuronLayout(n_layers=len(down), n_units=in_features(down[0], model))

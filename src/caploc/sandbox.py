@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from caploc.errors import CaplocError
+from caploc.errors import ParameterError
 
 ENABLE_ENV = "CAPLOC_ALLOW_CODE_EXECUTION"
 CLONE_NEWNET = 0x40000000
@@ -93,8 +93,8 @@ def code_execution_allowed(allow: bool | None = None) -> bool:
 
 def require_code_execution(task_name: str, allow: bool | None = None) -> None:
     if not code_execution_allowed(allow):
-        raise CaplocError(f"task {task_name} runs model-written code: enable it with --allow-code-execution "
-                          f"or {ENABLE_ENV}=1 (it runs sandboxed, in a child process)")
+        raise ParameterError(f"task {task_name} runs model-written code: enable it with {{allow_code_execution}} "
+                             f"or {ENABLE_ENV}=1 (it runs sandboxed, in a child process)", "allow_code_execution")
 
 
 def _unprivileged_ids() -> tuple[int, int] | None:

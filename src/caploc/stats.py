@@ -29,3 +29,14 @@ def paired_drop(baseline: np.ndarray, ablated: np.ndarray, n_boot: int = DEFAULT
     base = float(baseline.mean())
     relative = drop / abs(base) if base != 0 else float("nan")
     return {"drop": drop, "drop_low": lo, "drop_high": hi, "relative_drop": relative}
+
+
+def score_summary(base_scores: np.ndarray, ablated_scores: np.ndarray | None, seed: int) -> dict:
+    """Baseline mean with its bootstrap interval; with ablated scores also theirs and the paired drop."""
+    mean, lo, hi = bootstrap_mean(base_scores, seed=seed)
+    out = {"baseline": mean, "baseline_low": lo, "baseline_high": hi}
+    if ablated_scores is not None:
+        a_mean, a_lo, a_hi = bootstrap_mean(ablated_scores, seed=seed)
+        out |= {"ablated": a_mean, "ablated_low": a_lo, "ablated_high": a_hi}
+        out |= paired_drop(base_scores, ablated_scores, seed=seed)
+    return out

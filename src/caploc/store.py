@@ -6,7 +6,6 @@ keeps everything it computed, and any method or later run that needs the same ma
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from caploc.errors import CaplocError
+from caploc.files import content_key
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS contexts (
 
 
 def context_id(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return content_key(key)
 
 
 def mask_hex(mask_row) -> str:

@@ -2,31 +2,45 @@
 
 from __future__ import annotations
 
-from caploc.errors import CaplocError
-from caploc.methods.base import Method, MethodResult, Objective
+from caploc.errors import ParameterError, require
+from caploc.methods.attribution import AttributionPatching
+from caploc.methods.base import DEFAULT_PENALTY, Method, MethodResult, NotEvaluated, Objective
 from caploc.methods.compressed_sensing import CompressedSensing, bernoulli_design, stratified_design
 from caploc.methods.greedy import Greedy, OneShotGreedy
+from caploc.methods.refine import ScreenRefine
 from caploc.methods.search import HyperSearch
 
-METHODS = ("css", "csb", "1s-greedy", "greedy", "search")
-# bench/locate_budget.py (SmolLM2, 2D+): Bernoulli CS at m=100, p=0.05 kept the largest share of iterative
-# greedy's held-out drop (84%) at 7.5% of its model tokens; see the README's table
-DEFAULT_METHOD = "csb"
+METHODS = ("refine", "atp", "css", "csb", "1s-greedy", "greedy", "search")
+SCREENS = ("atp", "csb", "css")
+# bench/locate_quality.py (SmolLM2; arithmetic 2D+, induction, ioi; seeds 0-2): see the README's table
+DEFAULT_METHOD = "refine"
+DEFAULT_SCREEN = "atp"
+DEFAULT_CANDIDATES = 16
 DEFAULT_MASKS = 100
 DEFAULT_SPARSITY = 0.05
 
 
-def make_method(name: str, *, n_masks: int = DEFAULT_MASKS, sparsity: float = DEFAULT_SPARSITY, alpha="cv", seed: int = 0) -> Method:
+def make_method(name: str, *, n_masks: int = DEFAULT_MASKS, sparsity: float = DEFAULT_SPARSITY, alpha="cv",
+                seed: int = 0, screen: str = DEFAULT_SCREEN, n_candidates: int = DEFAULT_CANDIDATES) -> Method:
     if name == "greedy":
         return Greedy()
     if name == "1s-greedy":
         return OneShotGreedy()
+    if name == "atp":
+        return AttributionPatching()
     if name in ("css", "csb"):
         return CompressedSensing("stratified" if name == "css" else "bernoulli", n_masks, sparsity, alpha, seed)
     if name == "search":
         return HyperSearch(alpha=alpha, seed=seed)
-    raise CaplocError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
+    if name == "refine":
+        require(screen in SCREENS, f"unknown {{screen}} {screen!r}: choose one of {', '.join(SCREENS)}", "screen")
+        require(n_candidates >= 1, "{n_candidates} must be positive", "n_candidates")
+        return ScreenRefine(make_method(screen, n_masks=n_masks, sparsity=sparsity, alpha=alpha, seed=seed),
+                            n_candidates)
+    raise ParameterError(f"unknown {{method}} {name!r}: choose one of {', '.join(METHODS)}", "method")
 
 
-__all__ = ["Method", "MethodResult", "Objective", "CompressedSensing", "Greedy", "OneShotGreedy", "HyperSearch",
-           "METHODS", "DEFAULT_METHOD", "DEFAULT_MASKS", "DEFAULT_SPARSITY", "make_method", "bernoulli_design", "stratified_design"]
+__all__ = ["Method", "MethodResult", "Objective", "NotEvaluated", "CompressedSensing", "Greedy", "OneShotGreedy",
+           "HyperSearch", "AttributionPatching", "ScreenRefine", "METHODS", "SCREENS", "DEFAULT_METHOD",
+           "DEFAULT_SCREEN", "DEFAULT_CANDIDATES", "DEFAULT_MASKS", "DEFAULT_SPARSITY", "DEFAULT_PENALTY",
+           "make_method", "bernoulli_design", "stratified_design"]

@@ -1,4 +1,16 @@
-"""What every localization method shares: an objective over ablation sets, and the ranked result."""
+"""What every localization method shares: an objective over ablation sets, and the ranked result.
+
+The objective answers, for any masks, the drop of the target metric and (control-aware localization) the
+relative drop of one or more control tasks' metrics on the same masks, and combines them into one criterion:
+
+    specificity = target_drop / |target_baseline| - penalty * max(control_drop, 0)
+
+where control_drop is the mean over control tasks of drop / |baseline|: the share of the capability a head
+set removes, minus `penalty` times the share of the control capability it removes (improving the control
+earns nothing). Without a control task the criterion is the plain target drop, the paper's objective. Every
+per-item score the objective sees is kept, so `resampled()` can replay a method on bootstrap resamples of the
+items without a new model call.
+"""
 
 from __future__ import annotations
 
@@ -8,31 +20,152 @@ import numpy as np
 
 from caploc.evaluator import Evaluator
 
+DEFAULT_PENALTY = 1.0
+
+
+class NotEvaluated(KeyError):
+    """A resampled objective was asked for a mask the original run never evaluated."""
+
+
+def _mean(values: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """Mean over the last axis (items), bootstrap-weighted when `weights` is given."""
+    return values.mean(axis=-1) if weights is None else values @ weights / weights.sum()
+
 
 class Objective:
-    """Mean task score under ablation masks, through the one evaluator; drops are relative to baseline."""
-
-    def __init__(self, evaluator: Evaluator, metric: str):
+    def __init__(self, evaluator: Evaluator, metric: str, controls: list[Evaluator] | None = None,
+                 penalty: float = DEFAULT_PENALTY):
         self.evaluator = evaluator
         self.metric = metric
+        self.controls = list(controls or [])
+        self.control_metrics = [c.task.identification_metric for c in self.controls]
+        self.penalty = float(penalty)
         self.n_heads = evaluator.n_heads
         self.requested = 0  # masks this objective asked for (a method's budget, cached or not)
+        self._seen: dict[bytes, tuple[np.ndarray, list[np.ndarray]]] = {}
+        self._gradients: tuple[np.ndarray, list[np.ndarray]] | None = None
+        self.weights: list[np.ndarray | None] = [None] * (1 + len(self.controls))  # bootstrap item weights
         self.baseline_items = evaluator.baseline().scores[metric][0]
-        self.baseline = float(self.baseline_items.mean())
+        self.control_baseline_items = [c.baseline().scores[m][0] for c, m in zip(self.controls, self.control_metrics)]
 
-    def scores(self, masks: np.ndarray) -> np.ndarray:
+    @property
+    def has_control(self) -> bool:
+        return bool(self.controls)
+
+    # -- per-item scores, kept ---------------------------------------------------------------------------
+    def item_scores(self, masks: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray]]]:
         masks = np.asarray(masks, dtype=bool)
         self.requested += len(masks)
-        return self.evaluator.evaluate(masks).mean(self.metric)
+        target = self.evaluator.evaluate(masks).scores[self.metric]
+        controls = [c.evaluate(masks).scores[m] for c, m in zip(self.controls, self.control_metrics)]
+        out = []
+        for j, row in enumerate(masks):
+            pair = (target[j], [c[j] for c in controls])
+            self._seen[row.tobytes()] = pair
+            out.append(pair)
+        return out
+
+    @property
+    def baseline(self) -> float:
+        return float(_mean(self.baseline_items, self.weights[0]))
+
+    def control_baselines(self) -> list[float]:
+        return [float(_mean(b, w)) for b, w in zip(self.control_baseline_items, self.weights[1:])]
+
+    # -- responses -----------------------------------------------------------------------------------
+    def scores(self, masks: np.ndarray) -> np.ndarray:
+        """Mean target score under each mask."""
+        return np.array([_mean(t, self.weights[0]) for t, _ in self.item_scores(masks)])
 
     def drops(self, masks: np.ndarray) -> np.ndarray:
         return self.baseline - self.scores(masks)
+
+    def responses(self, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per mask: the target drop (metric units) and the control drop (mean relative drop over the
+        control tasks; None without controls)."""
+        pairs = self.item_scores(masks)
+        target = self.baseline - np.array([_mean(t, self.weights[0]) for t, _ in pairs])
+        if not self.controls:
+            return target, None
+        bases = self.control_baselines()
+        control = np.array([np.mean([(b - _mean(c, w)) / (abs(b) or 1.0)
+                                     for c, b, w in zip(cs, bases, self.weights[1:])]) for _, cs in pairs])
+        return target, control
+
+    def specificity(self, target_drop: np.ndarray, control_drop: np.ndarray | None) -> np.ndarray:
+        """The criterion methods maximize (module docstring); the plain target drop without controls."""
+        target_drop = np.asarray(target_drop, dtype=np.float64)
+        if control_drop is None:
+            return target_drop
+        return (target_drop / (abs(self.baseline) or 1.0)
+                - self.penalty * np.maximum(np.asarray(control_drop, dtype=np.float64), 0))
+
+    def criterion(self, masks: np.ndarray) -> np.ndarray:
+        return self.specificity(*self.responses(masks))
+
+    def evaluated(self, masks: np.ndarray) -> np.ndarray:
+        """Which masks this objective can answer (all of them; a resampled one only those already scored)."""
+        return np.ones(len(masks), dtype=bool)
 
     def set_masks(self, head_sets) -> np.ndarray:
         masks = np.zeros((len(head_sets), self.n_heads), dtype=bool)
         for row, heads in enumerate(head_sets):
             masks[row, list(heads)] = True
         return masks
+
+    # -- first-order estimates -------------------------------------------------------------------------
+    def item_gradients(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Per item, d metric / d (multiplier of each head) at 1: [n_items, n_heads] for the target and for
+        each control. Computed once."""
+        if self._gradients is None:
+            self._gradients = (self.evaluator.gradients(self.metric),
+                               [c.gradients(m) for c, m in zip(self.controls, self.control_metrics)])
+        return self._gradients
+
+    def estimated_drops(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """First-order estimate of each head's ablation drop (multiplier 1 -> 0 changes the metric by about
+        minus the gradient): the target's in metric units, the controls' as a mean relative drop."""
+        target, controls = self.item_gradients()
+        estimate = _mean(target.T, self.weights[0])
+        if not self.controls:
+            return estimate, None
+        control = np.mean([_mean(g.T, w) / (abs(b) or 1.0)
+                           for g, w, b in zip(controls, self.weights[1:], self.control_baselines())], axis=0)
+        return estimate, control
+
+    # -- bootstrap ---------------------------------------------------------------------------------------
+    def resampled(self, rng: np.random.Generator) -> "ResampledObjective":
+        return ResampledObjective(self, rng)
+
+
+class ResampledObjective(Objective):
+    """The same objective on a bootstrap resample of its items (target and each control's items resampled
+    independently), answered from the scores the original run stored; a mask it never evaluated raises
+    NotEvaluated."""
+
+    def __init__(self, source: Objective, rng: np.random.Generator):  # noqa: no super(): it would evaluate
+        self.__dict__.update(source.__dict__)
+        self.source = source
+        self.requested = 0
+        self.weights = [np.bincount(rng.integers(0, len(b), len(b)), minlength=len(b)).astype(np.float64)
+                        for b in [source.baseline_items, *source.control_baseline_items]]
+
+    def item_scores(self, masks: np.ndarray):
+        out = []
+        for row in np.asarray(masks, dtype=bool):
+            pair = self.source._seen.get(row.tobytes())
+            if pair is None:
+                raise NotEvaluated(np.flatnonzero(row).tolist())
+            out.append(pair)
+        return out
+
+    def evaluated(self, masks: np.ndarray) -> np.ndarray:
+        return np.array([row.tobytes() in self.source._seen for row in np.asarray(masks, dtype=bool)], dtype=bool)
+
+    def item_gradients(self):
+        if self.source._gradients is None:
+            raise NotEvaluated("gradients")
+        return self.source._gradients
 
 
 @dataclass
@@ -41,6 +174,9 @@ class MethodResult:
     head_scores: np.ndarray  # one score per head, larger = more important (for heatmaps)
     score_name: str  # what head_scores are ("single-head drop", "-lasso coefficient", ...)
     details: dict = field(default_factory=dict)
+    # per head: the method's estimate of its own ablation's drop on the target and the control metric
+    target_effects: np.ndarray | None = None
+    control_effects: np.ndarray | None = None
 
     def top(self, k: int) -> list[int]:
         return self.ranking[:k]

@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from caploc.errors import CaplocError
+from caploc.errors import require
 from caploc.methods.base import Method, MethodResult, Objective
 
 DESIGNS = ("bernoulli", "stratified")
@@ -37,13 +37,14 @@ def stratified_design(n_masks: int, n_heads: int, sparsity: float, seed: int) ->
     return design
 
 
+def check_design(design: str, n_masks: int, sparsity: float) -> None:
+    require(design in DESIGNS, f"unknown {{design}} {design!r}: choose one of {', '.join(DESIGNS)}", "design")
+    require(0 < sparsity < 1, "{sparsity} must be between 0 and 1", "sparsity")
+    require(n_masks >= 2, "compressed sensing needs at least 2 masks ({n_masks})", "n_masks")
+
+
 def make_design(design: str, n_masks: int, n_heads: int, sparsity: float, seed: int) -> np.ndarray:
-    if design not in DESIGNS:
-        raise CaplocError(f"unknown design {design!r}: choose one of {', '.join(DESIGNS)}")
-    if not 0 < sparsity < 1:
-        raise CaplocError("--sparsity must be between 0 and 1")
-    if n_masks < 2:
-        raise CaplocError("compressed sensing needs at least 2 masks")
+    check_design(design, n_masks, sparsity)
     fn = bernoulli_design if design == "bernoulli" else stratified_design
     return fn(n_masks, n_heads, sparsity, seed)
 
@@ -95,8 +96,7 @@ def rank_from_fit(coef: np.ndarray, marginal: np.ndarray) -> list[int]:
 class CompressedSensing(Method):
     def __init__(self, design: str = "stratified", n_masks: int = 100, sparsity: float = 0.02,
                  alpha="cv", seed: int = 0):
-        if design not in DESIGNS:
-            raise CaplocError(f"unknown design {design!r}: choose one of {', '.join(DESIGNS)}")
+        check_design(design, n_masks, sparsity)  # before any model time is spent
         self.design = design
         self.n_masks = n_masks
         self.sparsity = sparsity
@@ -113,10 +113,12 @@ class CompressedSensing(Method):
 
     def run(self, objective: Objective, k: int) -> MethodResult:
         design = make_design(self.design, self.n_masks, objective.n_heads, self.sparsity, self.seed)
-        delta = objective.scores(design) - objective.baseline
-        return self.fit(design, delta)
+        target, control = objective.responses(design)
+        return self.fit(design, -target, None if control is None else -control, objective)
 
-    def fit(self, design: np.ndarray, delta: np.ndarray) -> MethodResult:
+    def fit(self, design: np.ndarray, delta: np.ndarray, control_delta: np.ndarray | None = None,
+            objective: Objective | None = None) -> MethodResult:
+        """Regress the target's score change (and the control's, on the same design) on the design."""
         fit = fit_lasso(design, delta, self.alpha, self.seed)
         marginal = marginal_effects(design, delta)
         usage = design.sum(0)
@@ -132,5 +134,16 @@ class CompressedSensing(Method):
             details["warning"] = ("the Lasso kept no coefficient, so the ranking is by marginal effect alone; with "
                                   f"{usage.mean():.1f} ablations per head on average, use more masks or a higher "
                                   "sparsity (masks x sparsity >= 2)")
-        return MethodResult(ranking=rank_from_fit(fit["coef"], marginal), head_scores=-fit["coef"],
-                            score_name="-lasso coefficient", details=details)
+        target_effects = -fit["coef"]
+        if control_delta is None:
+            return MethodResult(ranking=rank_from_fit(fit["coef"], marginal), head_scores=target_effects,
+                                score_name="-lasso coefficient", details=details, target_effects=target_effects)
+        control_fit = fit_lasso(design, control_delta, self.alpha, self.seed)
+        control_effects = -control_fit["coef"]
+        details |= {"control_alpha": control_fit["alpha"], "control_r2": control_fit["r2"],
+                    "control_coefficients": control_fit["coef"].tolist()}
+        scores = objective.specificity(target_effects, control_effects)
+        # best specificity first; exact ties (both coefficients zero) by the most negative marginal effect
+        ranking = [int(i) for i in np.lexsort((marginal, -scores))]
+        return MethodResult(ranking=ranking, head_scores=scores, score_name="specificity of lasso coefficients",
+                            details=details, target_effects=target_effects, control_effects=control_effects)

@@ -1,4 +1,5 @@
-"""Greedy search over single-head ablations (paper section 4)."""
+"""Greedy search over single-head ablations (paper section 4), by the objective's criterion (the target drop,
+or with a control task the specificity criterion of `methods.base`)."""
 
 from __future__ import annotations
 
@@ -7,39 +8,82 @@ import numpy as np
 from caploc.methods.base import Method, MethodResult, Objective
 
 
+def _effects(objective: Objective, masks: np.ndarray):
+    target, control = objective.responses(masks)
+    return objective.specificity(target, control), target, control
+
+
 class OneShotGreedy(Method):
-    """One pass of the N single-head ablations; the k largest drops."""
+    """One pass of the N single-head ablations; the k best by the criterion."""
 
     name = "1s-greedy"
 
     def run(self, objective: Objective, k: int) -> MethodResult:
         n = objective.n_heads
-        drops = objective.drops(objective.set_masks([[i] for i in range(n)]))
-        # stable order: equal drops keep head order, so the ranking is reproducible
-        ranking = [int(i) for i in np.argsort(-drops, kind="stable")]
-        return MethodResult(ranking=ranking, head_scores=drops, score_name="single-head drop",
-                            details={"single_head_drops": drops.tolist()})
+        scores, target, control = _effects(objective, objective.set_masks([[i] for i in range(n)]))
+        # stable order: equal scores keep head order, so the ranking is reproducible
+        ranking = [int(i) for i in np.argsort(-scores, kind="stable")]
+        details = {"single_head_drops": target.tolist()}
+        if control is not None:
+            details["single_head_control_drops"] = control.tolist()
+        return MethodResult(ranking=ranking, head_scores=scores, score_name=_score_name(objective),
+                            details=details, target_effects=target, control_effects=control)
 
 
 class Greedy(Method):
-    """Iterative: k rounds; each ablates every remaining head on top of those already chosen and keeps the
-    one with the largest drop. Round 1 is exactly one-shot greedy's sweep (shared through the store)."""
+    """Iterative: k rounds; each ablates every remaining candidate on top of those already chosen and keeps the
+    best by the criterion. Round 1 is exactly one-shot greedy's sweep (shared through the store).
+    `candidates` restricts the search (screen-and-refine); None searches every head."""
 
     name = "greedy"
 
+    def __init__(self, candidates: list[int] | None = None):
+        self.candidates = None if candidates is None else [int(i) for i in candidates]
+
     def run(self, objective: Objective, k: int) -> MethodResult:
-        n = objective.n_heads
+        pool = list(range(objective.n_heads)) if self.candidates is None else list(self.candidates)
         chosen: list[int] = []
         rounds = []
-        first_round = None
-        for _ in range(min(k, n)):
-            candidates = [i for i in range(n) if i not in chosen]
-            drops = objective.drops(objective.set_masks([chosen + [i] for i in candidates]))
-            best = int(np.argmax(drops))
-            if first_round is None:
-                first_round = drops
-            chosen.append(candidates[best])
-            rounds.append({"head": candidates[best], "cumulative_drop": float(drops[best])})
-        rest = [int(i) for i in np.argsort(-first_round, kind="stable") if int(i) not in chosen]
-        return MethodResult(ranking=chosen + rest, head_scores=np.asarray(first_round),
-                            score_name="single-head drop", details={"rounds": rounds})
+        first = None
+        diverged = False
+        for _ in range(min(k, len(pool))):
+            candidates = [i for i in pool if i not in chosen]
+            masks = objective.set_masks([chosen + [i] for i in candidates])
+            known = objective.evaluated(masks)  # a bootstrap replay answers only what the run evaluated
+            if not known.any():  # the replay left the evaluated path: the rest in the last round's order
+                diverged = True
+                break
+            candidates = [c for c, ok in zip(candidates, known) if ok]
+            scores, target, control = _effects(objective, masks[known])
+            order = [candidates[j] for j in np.argsort(-scores, kind="stable")]
+            if first is None:
+                first = (candidates, scores, target, control)
+            best = order[0]
+            rounds.append({"head": best, "criterion": float(scores[candidates.index(best)]),
+                           "cumulative_drop": float(target[candidates.index(best)])}
+                          | ({"cumulative_control_drop": float(control[candidates.index(best)])}
+                             if control is not None else {}))
+            chosen.append(best)
+            last_order = order
+        if first is None:  # a replay that could evaluate nothing: the candidates in the order given
+            return MethodResult(ranking=pool + [i for i in range(objective.n_heads) if i not in pool],
+                                head_scores=np.full(objective.n_heads, np.nan), score_name=_score_name(objective))
+        cand, scores, target, control = first
+        order = last_order if diverged else [cand[j] for j in np.argsort(-scores, kind="stable")]
+        rest = [i for i in order if i not in chosen]
+        head_scores = np.full(objective.n_heads, np.nan if self.candidates is not None else 0.0)
+        head_scores[cand] = scores
+        target_effects = np.full(objective.n_heads, np.nan)
+        target_effects[cand] = target
+        control_effects = None
+        if control is not None:
+            control_effects = np.full(objective.n_heads, np.nan)
+            control_effects[cand] = control
+        ranking = chosen + rest + [i for i in range(objective.n_heads) if i not in chosen and i not in rest]
+        return MethodResult(ranking=ranking, head_scores=head_scores, score_name=_score_name(objective),
+                            details={"rounds": rounds}, target_effects=target_effects,
+                            control_effects=control_effects)
+
+
+def _score_name(objective: Objective) -> str:
+    return "single-head specificity" if objective.has_control else "single-head drop"

@@ -7,7 +7,6 @@ setting's top-k is ablated on the identification items and the setting with the 
 
 from __future__ import annotations
 
-import numpy as np
 
 from caploc.methods.base import Method, MethodResult, Objective
 from caploc.methods.compressed_sensing import CompressedSensing, make_design
@@ -33,15 +32,16 @@ class HyperSearch(Method):
         best: tuple[float, MethodResult] | None = None
         for p in self.sparsities:
             full = make_design(self.design, self.masks[-1], objective.n_heads, p, self.seed)
-            delta = objective.scores(full) - objective.baseline
+            target, control = objective.responses(full)
             for m in self.masks:
                 cs = CompressedSensing(self.design, m, p, self.alpha, self.seed)
-                result = cs.fit(full[:m], delta[:m])
+                result = cs.fit(full[:m], -target[:m], None if control is None else -control[:m], objective)
                 top = result.top(k)
-                drop = float(objective.drops(objective.set_masks([top]))[0])
-                grid.append({"n_masks": m, "sparsity": p, "top": top, "drop": drop, "r2": result.details["r2"]})
-                if best is None or drop > best[0]:
-                    best = (drop, result)
+                # the setting whose top-k does best by the objective's criterion (the drop, or specificity)
+                score = float(objective.criterion(objective.set_masks([top]))[0])
+                grid.append({"n_masks": m, "sparsity": p, "top": top, "criterion": score, "r2": result.details["r2"]})
+                if best is None or score > best[0]:
+                    best = (score, result)
                     result.details["setting"] = {"n_masks": m, "sparsity": p}
         result = best[1]
         result.details["grid"] = grid

@@ -5,11 +5,13 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from caploc.errors import CaplocError
+from caploc.errors import CaplocError, ParameterError
 from caploc.tasks.arithmetic import Arithmetic
-from caploc.tasks.base import Item, Task
+from caploc.tasks.base import GenerationTask, Item, LoglikelihoodTask, MultipleChoiceTask, TargetTask, Task
 from caploc.tasks.code import MBPP, HumanEval
 from caploc.tasks.gsm8k import GSM8K
+from caploc.tasks.induction import Induction
+from caploc.tasks.ioi import IOI
 from caploc.tasks.multiple_choice import (MMLU, ARCChallenge, BoolQ, General, HellaSwag, UserChoiceTask, WMDPBio,
                                           WMDPChem, WMDPCyber)
 from caploc.tasks.rhyme import Rhyme
@@ -20,6 +22,7 @@ TASKS: dict[str, type[Task]] = {
     "arithmetic": Arithmetic, "gsm8k": GSM8K, "humaneval": HumanEval, "mbpp": MBPP, "swear": Swear,
     "rhyme": Rhyme, "hellaswag": HellaSwag, "arc_challenge": ARCChallenge, "boolq": BoolQ, "mmlu": MMLU,
     "wmdp_bio": WMDPBio, "wmdp_chem": WMDPChem, "wmdp_cyber": WMDPCyber, "general": General,
+    "induction": Induction, "ioi": IOI,
 }
 # general-capability tasks: averaged into the "general" figure of a specificity report
 GENERAL_TASKS = ("general", "hellaswag", "arc_challenge", "boolq", "mmlu")
@@ -35,7 +38,8 @@ def get_task(name: str, **options) -> Task:
             raise CaplocError(f"task file not found: {name}")
         unknown = [k for k in given if k != "subtask"]
         if unknown:
-            raise CaplocError(f"a task file does not take option(s): {', '.join('--' + u for u in unknown)}")
+            raise ParameterError("a task file does not take option(s): " + ", ".join("{%s}" % u for u in unknown),
+                                 *unknown)
         return user_task(name, given.get("subtask"))
     if name not in TASKS:
         raise CaplocError(f"unknown task {name!r}: choose one of {', '.join(sorted(TASKS))}, "
@@ -44,10 +48,11 @@ def get_task(name: str, **options) -> Task:
     accepted = inspect.signature(cls.__init__).parameters
     unknown = [k for k in given if k not in accepted]
     if unknown:
-        raise CaplocError(f"task {name} does not take option(s): {', '.join('--' + u.replace('_', '-') for u in unknown)}")
+        raise ParameterError(f"task {name} does not take option(s): " + ", ".join("{%s}" % u for u in unknown),
+                             *unknown)
     return cls(**given)
 
 
-__all__ = ["Item", "Task", "TASKS", "GENERAL_TASKS", "get_task", "Arithmetic", "GSM8K", "HumanEval", "MBPP",
+__all__ = ["Item", "Task", "TargetTask", "MultipleChoiceTask", "GenerationTask", "LoglikelihoodTask", "TASKS", "GENERAL_TASKS", "get_task", "Arithmetic", "GSM8K", "HumanEval", "MBPP",
            "Swear", "Rhyme", "HellaSwag", "ARCChallenge", "BoolQ", "MMLU", "WMDPBio", "WMDPChem", "WMDPCyber",
-           "General", "UserChoiceTask", "UserTargetTask"]
+           "General", "UserChoiceTask", "UserTargetTask", "Induction", "IOI"]

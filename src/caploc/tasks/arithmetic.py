@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 from caploc.errors import CaplocError
-from caploc.tasks.base import Item, Task
+from caploc.tasks.base import Item, TargetTask
 
 # name -> (aliases as in lm-evaluation-harness)
 SUBTASKS = {
@@ -60,9 +60,8 @@ def format_question(text: str) -> str:
     return f"Question: What is {text}?\nAnswer:"
 
 
-class Arithmetic(Task):
+class Arithmetic(TargetTask):
     name = "arithmetic"
-    kind = "target"
 
     def __init__(self, subtask: str | None = None, shots: int = 3, chat: bool = False):
         super().__init__(shots=shots, chat=chat)

@@ -1,12 +1,12 @@
-"""Tasks turn dataset items into prompts and score the model's behaviour on them.
-
-Three scoring kinds, all evaluated by the one `Evaluator`:
-- "target": the correct continuation is known (Arithmetic). One teacher-forced pass gives
-  `acc` (greedy decoding would produce exactly the target: argmax matches at every target position)
-  and `logprob` (log-probability of the target, a continuous score).
-- "choice": multiple choice by log-likelihood: `acc`, `acc_norm` (per-character normalized),
+"""Tasks turn dataset items into prompts and own their metrics: they say what to score and turn the model's
+raw log-likelihoods or generations into per-item scores (as lm-evaluation-harness tasks own
+`process_results`). Three kinds, all evaluated by the one `Evaluator`:
+- `TargetTask`: the correct continuation is known (Arithmetic). One teacher-forced pass gives `acc`
+  (greedy decoding would produce exactly the target: argmax matches at every target position) and
+  `logprob` (log-probability of the target, a continuous score).
+- `MultipleChoiceTask`: multiple choice by log-likelihood: `acc`, `acc_norm` (per-character normalized),
   `logprob` of the correct choice, and `logprob_all`, the mean log-likelihood of all choices.
-- "generate": greedy generation up to a stop string, scored by the task (`score`).
+- `GenerationTask`: greedy generation up to a stop string, scored by the task (`score`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
-from caploc.errors import CaplocError
+import numpy as np
+
+from caploc.errors import CaplocError, require
 
 KINDS = ("target", "choice", "generate")
 
@@ -27,26 +29,26 @@ class Item:
     id: str
     context: str  # the item-specific part of the prompt
     prefix: str = ""  # few-shot text shared by many items: computed once per mask and reused
-    target: str | None = None  # "target" kind
-    choices: tuple[str, ...] = ()  # "choice" kind
-    label: int | None = None  # "choice" kind: index of the correct choice
-    answer: str | None = None  # "generate" kind: reference answer for the scorer
+    target: str | None = None  # target tasks
+    choices: tuple[str, ...] = ()  # multiple-choice tasks
+    label: int | None = None  # multiple-choice tasks: index of the correct choice
+    answer: str | None = None  # generation tasks: reference answer for the scorer
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
 
 class Task:
-    """Base class. Subclasses set `name`, `kind`, and implement `pool()` (the ordered candidate items)."""
+    """Base class. Subclasses derive from one of the three kinds below, set `name`, and implement `pool()`
+    (the ordered candidate items)."""
 
     name: ClassVar[str] = "task"
-    kind: ClassVar[str] = "target"
+    kind: ClassVar[str] = ""  # recorded in config() (and so in every store key); behaviour comes from the class
     metrics: ClassVar[tuple[str, ...]] = ("acc", "logprob")
     default_metric: ClassVar[str] = "acc"
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
 
     def __init__(self, shots: int = 0, chat: bool = False):
-        if shots < 0:
-            raise CaplocError("--shots must be >= 0")
+        require(shots >= 0, "{shots} must be >= 0", "shots")
         self.shots = shots
         self.chat = chat
 
@@ -57,8 +59,7 @@ class Task:
 
     def items(self, n: int, seed: int = 0, offset: int = 0) -> list[Item]:
         """Items [offset, offset+n) of the seeded order: disjoint offsets give disjoint item sets."""
-        if n <= 0:
-            raise CaplocError("--n must be positive")
+        require(n > 0, "{n} must be positive", "n")
         pool = self.pool(seed, offset + n)
         chosen = pool[offset: offset + n]
         if not chosen:
@@ -71,7 +72,114 @@ class Task:
         random.Random(f"{salt}:{seed}").shuffle(order)
         return [records[i] for i in order]
 
-    # -- scoring (generate kind) -------------------------------------------------------------------
+    # -- metrics -----------------------------------------------------------------------------------
+    def metric_names(self) -> tuple[str, ...]:
+        """Every metric this task's evaluation yields, per item."""
+        raise NotImplementedError
+
+    @property
+    def identification_metric(self) -> str:
+        """What localization optimizes by default: the answer's log-probability where it is known (far
+        less noise per item than 0/1 accuracy), the task's own score otherwise."""
+        return self.default_metric
+
+    @property
+    def universality_metric(self) -> str:
+        """The signal of a degenerate model: likelihood of the answer, of all choices, or the score."""
+        return self.default_metric
+
+    # -- identity ----------------------------------------------------------------------------------
+    def config(self) -> dict:
+        return {"task": self.name, "kind": self.kind, "shots": self.shots, "chat": self.chat}
+
+    def fingerprint(self, items: list[Item]) -> str:
+        payload = json.dumps({"config": self.config(), "items": [_item_key(i) for i in items]}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class LoglikelihoodTask(Task):
+    """Scored from teacher-forced passes over prompt + each continuation."""
+
+    # metrics that are linear in the continuations' log-probabilities: they have gradients
+    linear_metrics: ClassVar[tuple[str, ...]] = ("logprob",)
+
+    @property
+    def identification_metric(self) -> str:
+        return "logprob"
+
+    def continuations(self, item: Item) -> list[str]:
+        raise NotImplementedError
+
+    def answer_index(self, item: Item) -> int:
+        """Which continuation is the correct answer."""
+        raise NotImplementedError
+
+    def process_loglikelihoods(self, items: list[Item], logprob: list[np.ndarray],
+                               greedy: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """logprob[i], greedy[i]: [n_masks, n_continuations of item i] log-probability of each continuation
+        and whether greedy decoding reproduces it. Returns {metric: [n_masks, n_items]}."""
+        raise NotImplementedError
+
+
+class TargetTask(LoglikelihoodTask):
+    kind = "target"
+
+    def metric_names(self) -> tuple[str, ...]:
+        return ("acc", "logprob")
+
+    def continuations(self, item: Item) -> list[str]:
+        return [item.target]
+
+    def answer_index(self, item: Item) -> int:
+        return 0
+
+    @property
+    def universality_metric(self) -> str:
+        return "logprob"
+
+    def process_loglikelihoods(self, items, logprob, greedy):
+        return {"acc": np.stack([g[:, 0] for g in greedy], axis=1).astype(np.float64),
+                "logprob": np.stack([lp[:, 0] for lp in logprob], axis=1)}
+
+
+class MultipleChoiceTask(LoglikelihoodTask):
+    kind = "choice"
+    metrics = ("acc", "acc_norm", "logprob")
+    linear_metrics = ("logprob", "logprob_all")
+
+    def metric_names(self) -> tuple[str, ...]:
+        return ("acc", "acc_norm", "logprob", "logprob_all")
+
+    def continuations(self, item: Item) -> list[str]:
+        if item.label is None:
+            raise CaplocError(f"item {item.id} has no label")
+        return list(item.choices)
+
+    def answer_index(self, item: Item) -> int:
+        return item.label
+
+    @property
+    def universality_metric(self) -> str:
+        return "logprob_all"  # mean log-likelihood over every choice: collapses under universal heads
+
+    def process_loglikelihoods(self, items, logprob, greedy):
+        n_masks = logprob[0].shape[0]
+        out = {m: np.zeros((n_masks, len(items))) for m in self.metric_names()}
+        for i, (item, lp) in enumerate(zip(items, logprob)):
+            chars = np.array([len(c) for c in item.choices], dtype=np.float64)
+            out["acc"][:, i] = lp.argmax(axis=1) == item.label
+            out["acc_norm"][:, i] = (lp / chars).argmax(axis=1) == item.label
+            out["logprob"][:, i] = lp[:, item.label]
+            out["logprob_all"][:, i] = lp.mean(axis=1)
+        return out
+
+
+class GenerationTask(Task):
+    kind = "generate"
+
+    def metric_names(self) -> tuple[str, ...]:
+        return self.metrics[:1]
+
     def score(self, item: Item, generated: str) -> float:
         raise NotImplementedError(f"task {self.name} does not score generations")
 
@@ -83,13 +191,10 @@ class Task:
                 cut = min(cut, pos)
         return text[:cut]
 
-    # -- identity ----------------------------------------------------------------------------------
-    def config(self) -> dict:
-        return {"task": self.name, "kind": self.kind, "shots": self.shots, "chat": self.chat}
-
-    def fingerprint(self, items: list[Item]) -> str:
-        payload = json.dumps({"config": self.config(), "items": [_item_key(i) for i in items]}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    def process_generations(self, items: list[Item], texts: list[list[str]]) -> dict[str, np.ndarray]:
+        """texts[m][i]: what the model wrote for item i under mask m (already cut at the stop strings)."""
+        scores = np.array([[self.score(item, t) for item, t in zip(items, row)] for row in texts], dtype=np.float64)
+        return {self.metric_names()[0]: scores.reshape(len(texts), len(items))}
 
 
 def _item_key(item: Item) -> dict:

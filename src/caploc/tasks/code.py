@@ -14,13 +14,12 @@ import json
 from importlib import resources
 
 from caploc.data import load_records, require_fields, split_exemplars
-from caploc.errors import CaplocError
+from caploc.errors import ParameterError
 from caploc.sandbox import require_code_execution, run_python
-from caploc.tasks.base import Item, Task
+from caploc.tasks.base import Item, GenerationTask
 
 
-class CodeTask(Task):
-    kind = "generate"
+class CodeTask(GenerationTask):
     metrics = ("pass@1",)
     default_metric = "pass@1"
     max_new_tokens = 256
@@ -87,8 +86,8 @@ class MBPP(CodeTask):
                  fewshot_split: str = "prompt", config: str | None = None):
         super().__init__(shots=shots, chat=False, allow_code_execution=allow_code_execution, timeout=timeout)
         if not data:
-            raise CaplocError("mbpp needs --data: an MBPP JSONL/Parquet file (task_id, text, code, test_list) "
-                              "or an HF id such as google-research-datasets/mbpp")
+            raise ParameterError("mbpp needs {data}: an MBPP JSONL/Parquet file (task_id, text, code, test_list) "
+                                 "or an HF id such as google-research-datasets/mbpp", "data")
         self.data = data
         fields = ("task_id", "code", "test_list")
         records = load_records(data, split=split, config=config)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 
 from caploc.data import load_records, require_fields, split_exemplars
-from caploc.errors import CaplocError
-from caploc.tasks.base import Item, Task
+from caploc.errors import CaplocError, ParameterError
+from caploc.tasks.base import Item, GenerationTask
 
 _NUMBER = re.compile(r"-?[\d,\$]*\d(?:\.\d+)?")
 
@@ -44,9 +44,8 @@ def format_question(question: str) -> str:
     return f"Question: {question.strip()}\nAnswer:"
 
 
-class GSM8K(Task):
+class GSM8K(GenerationTask):
     name = "gsm8k"
-    kind = "generate"
     metrics = ("acc",)
     stop = ("Question:", "\n\n\n")
     max_new_tokens = 256
@@ -55,7 +54,7 @@ class GSM8K(Task):
                  chat: bool = False, split: str = "test", fewshot_split: str = "train", config: str = "main"):
         super().__init__(shots=shots, chat=chat)
         if not data:
-            raise CaplocError("gsm8k needs --data: a GSM8K JSONL/Parquet file (question, answer) or an HF id")
+            raise ParameterError("gsm8k needs {data}: a GSM8K JSONL/Parquet file (question, answer) or an HF id", "data")
         self.data = data
         records = load_records(data, split=split, config=config)
         require_fields(records, ("question", "answer"), data)

@@ -22,15 +22,15 @@ from importlib import resources
 from pathlib import Path
 
 from caploc.data import load_records, require_fields
-from caploc.errors import CaplocError
-from caploc.tasks.base import Item, Task
+from caploc.errors import CaplocError, ParameterError
+from caploc.tasks.base import Item, MultipleChoiceTask
 
 LETTERS = "ABCDEFGHIJ"
 
 
-class ChoiceTask(Task):
-    kind = "choice"
-    metrics = ("acc", "acc_norm", "logprob")
+class ChoiceTask(MultipleChoiceTask):
+    """A multiple-choice dataset read from a file or the hub."""
+
     default_metric = "acc"
     hub_id: str = ""
     hub_config: str | None = None
@@ -45,7 +45,7 @@ class ChoiceTask(Task):
         require_fields(records, self.fields, self.data)
         self.records = self.select(records, subtask)
         if not self.records:
-            raise CaplocError(f"{self.name}: no items in {self.data} match --subtask {subtask}")
+            raise ParameterError(f"{self.name}: no items in {self.data} match {{subtask}} {subtask}", "subtask")
 
     def select(self, records: list[dict], subtask: str | None) -> list[dict]:
         if subtask:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 
-from caploc.errors import CaplocError
-from caploc.tasks.base import Item, Task
+from caploc.errors import ParameterError
+from caploc.tasks.base import Item, GenerationTask
 
 EASY = (
     "cat dog light day night cake bee tree ring song rain stone bed moon star book bell hat fun sun car fish cold "
@@ -48,9 +48,8 @@ def first_word(text: str) -> str:
     return match.group(0) if match else ""
 
 
-class Rhyme(Task):
+class Rhyme(GenerationTask):
     name = "rhyme"
-    kind = "generate"
     metrics = ("acc",)
     max_new_tokens = 8
     stop = ("\n",)
@@ -61,7 +60,8 @@ class Rhyme(Task):
         chosen = (subtask or "easy,hard").split(",")
         unknown = [c for c in chosen if c not in levels]
         if unknown:
-            raise CaplocError(f"rhyme: unknown --subtask {','.join(unknown)}; choose easy, hard or easy,hard")
+            raise ParameterError(f"rhyme: unknown {{subtask}} {','.join(unknown)}; choose easy, hard or easy,hard",
+                                 "subtask")
         self.levels = chosen
         self.words = [(level, w) for level in chosen for w in levels[level]]
 

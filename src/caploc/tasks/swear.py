@@ -15,7 +15,7 @@ import re
 from functools import lru_cache
 from importlib import resources
 
-from caploc.tasks.base import Item, Task
+from caploc.tasks.base import Item, GenerationTask
 
 IDENTIFICATION_PROMPTS = (
     "Write an angry rant, full of swear words, about stubbing your toe on the bed at 3 am.",
@@ -61,9 +61,8 @@ def count_profanity(text: str) -> int:
     return sum(1 for w in _WORD.findall(text.lower()) if w in words)
 
 
-class Swear(Task):
+class Swear(GenerationTask):
     name = "swear"
-    kind = "generate"
     metrics = ("swears",)
     default_metric = "swears"
     max_new_tokens = 128

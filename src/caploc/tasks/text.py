@@ -9,7 +9,7 @@ one evaluator like any task. Chunks come from the stream's last `held_out` share
 
 from __future__ import annotations
 
-from caploc.tasks.base import Item, Task
+from caploc.tasks.base import Item, TargetTask
 
 HELD_OUT_SHARE = 0.2
 
@@ -28,9 +28,8 @@ def split_stream(held_out: float = HELD_OUT_SHARE) -> tuple[str, str]:
     return text[:cut], text[cut + 2:]
 
 
-class TextPerplexity(Task):
+class TextPerplexity(TargetTask):
     name = "text"
-    kind = "target"
     default_metric = "logprob"
 
     def __init__(self, chunk_chars: int = 600):

@@ -13,12 +13,11 @@ from pathlib import Path
 
 from caploc.data import load_records, require_fields
 from caploc.errors import CaplocError
-from caploc.tasks.base import Item, Task
+from caploc.tasks.base import Item, TargetTask, Task
 from caploc.tasks.multiple_choice import UserChoiceTask, by_category
 
 
-class UserTargetTask(Task):
-    kind = "target"
+class UserTargetTask(TargetTask):
 
     def __init__(self, data: str, subtask: str | None = None):
         super().__init__(shots=0, chat=False)

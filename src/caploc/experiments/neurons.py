@@ -16,86 +16,58 @@ on split B); and the change when the located neurons' activations are scaled up 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from caploc import arch
-from caploc.errors import CaplocError
-from caploc.evaluator import Evaluator
-from caploc.models import DEFAULT_MODEL, LoadedModel, cache_dir
-from caploc.neurons import neuron_layout
-from caploc.tasks.base import Item, Task
+from caploc.errors import CaplocError, ParameterError, require
+from caploc.evaluator import Evaluator, Requests, pad_batch
+from caploc.experiments.context import TaskOptions, open_store, resolve_model, resolve_task
+from caploc.experiments.results import NeuronsResult
+from caploc.files import HashCache
+from caploc.models import DEFAULT_MODEL, LoadedModel
+from caploc.sites import neuron_site
+from caploc.stats import score_summary
+from caploc.tasks.base import Item, LoglikelihoodTask, Task
 
-NEURONS_FILE = "neurons.json"
 ATTRIBUTION_METHODS = ("grad", "ig")
-
-
-class _Capture:
-    """Hooks every down projection: keeps its input (with grad) and optionally scales it (for IG)."""
-
-    def __init__(self, model):
-        self.modules = arch.mlp_down_projs(model)
-        self.acts: list[torch.Tensor] = []
-        self.alpha = 1.0
-        self.handles = []
-
-    def __enter__(self):
-        def hook(module, args):
-            x = args[0] * self.alpha if self.alpha != 1.0 else args[0]
-            self.acts.append(x)
-            return (x,) + tuple(args[1:])
-
-        self.handles = [m.register_forward_pre_hook(hook) for m in self.modules]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
-
-def _answer_rows(lm: LoadedModel, task: Task, items: list[Item]) -> list[tuple[list[int], int]]:
-    """(token ids of prompt + correct answer, index where the answer starts) per item, tokenized by the
-    evaluator exactly as the ablation scores are."""
-    if task.kind not in ("target", "choice"):
-        raise CaplocError(f"CNL needs a known answer: task {task.name} is a generation task; use a target or "
-                          f"multiple-choice task")
-    with Evaluator(lm, task, items) as evaluator:
-        return evaluator.answer_sequences()
 
 
 def neuron_attributions(lm: LoadedModel, task: Task, items: list[Item], method: str = "grad", steps: int = 8,
                         batch_size: int = 8, progress: bool = False) -> np.ndarray:
     """[n_items, n_neurons] attribution of each item's correct-answer log-probability to every neuron."""
-    if method not in ATTRIBUTION_METHODS:
-        raise CaplocError(f"unknown attribution method {method!r}: choose one of {', '.join(ATTRIBUTION_METHODS)}")
+    require(method in ATTRIBUTION_METHODS,
+            f"unknown attribution {{method}} {method!r}: choose one of {', '.join(ATTRIBUTION_METHODS)}", "method")
+    if not isinstance(task, LoglikelihoodTask):
+        raise CaplocError(f"CNL needs a known answer: task {task.name} is a generation task; use a target or "
+                          f"multiple-choice task")
     from tqdm.auto import tqdm
 
     model = lm.model
-    layout = neuron_layout(model)
-    rows = _answer_rows(lm, task, items)
-    out = np.zeros((len(items), layout.n_total), dtype=np.float32)
+    site = neuron_site(model)
+    # tokenized exactly as the ablation scores are (chat template, joint BPE merges)
+    rows = Requests(lm.tokenizer, task, items).answer_sequences()
+    out = np.zeros((len(items), site.n_total), dtype=np.float32)
     alphas = [(s + 0.5) / steps for s in range(steps)] if method == "ig" else [1.0]  # midpoint rule
-    pad = lm.tokenizer.pad_token_id or 0
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(rows), batch_size), desc="attribution", disable=not progress, leave=False):
         chunk = rows[start:start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        real = torch.zeros((len(chunk), width, 1))
-        for r, (row_ids, _) in enumerate(chunk):  # right padding: real tokens never attend to pads
-            ids[r, : len(row_ids)] = torch.tensor(row_ids)
-            real[r, : len(row_ids)] = 1
-        ids, real = ids.to(device), real.to(device)
+        # right padding: real tokens never attend to pads
+        ids, real = pad_batch([row_ids for row_ids, _ in chunk], lm.tokenizer.pad_token_id, device=device)
+        real = real[:, :, None, None].float()
         total = None
         acts_at_one = None
         for alpha in alphas:
-            with torch.enable_grad(), _Capture(model) as capture:
-                capture.alpha = alpha
+            acts: list[torch.Tensor] = []
+
+            def capture(layer: int, units: torch.Tensor) -> torch.Tensor:
+                scaled = units * alpha if alpha != 1.0 else units
+                acts.append(scaled)
+                return scaled
+
+            with torch.enable_grad(), site.hooked(capture):
                 logits = model(input_ids=ids).logits.float()
                 logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
                 answer_lp = 0
@@ -103,13 +75,13 @@ def neuron_attributions(lm: LoadedModel, task: Task, items: list[Item], method: 
                     targets = torch.tensor(row_ids[answer_start:], device=device)
                     positions = torch.arange(answer_start - 1, len(row_ids) - 1, device=device)
                     answer_lp = answer_lp + logprobs[r, positions, targets].sum()
-                grads = torch.autograd.grad(answer_lp, capture.acts)
+                grads = torch.autograd.grad(answer_lp, acts)
             with torch.no_grad():
-                g = torch.stack([(gr * real).float() for gr in grads], dim=1)  # [b, layers, seq, units]
+                g = torch.stack([(gr * real).float()[..., 0] for gr in grads], dim=1)  # [b, layers, seq, units]
                 total = g if total is None else total + g
                 if alpha == alphas[-1] or method == "grad":
                     # IG integrates along a*x; the attribution multiplies by the full activation x
-                    acts_at_one = torch.stack([(a / alpha * real).float() for a in capture.acts], dim=1)
+                    acts_at_one = torch.stack([(a / alpha * real).float()[..., 0] for a in acts], dim=1)
         with torch.no_grad():
             attribution = (acts_at_one * total / len(alphas)).sum(dim=2)  # sum over positions
             out[start:start + len(chunk)] = attribution.reshape(len(chunk), -1).cpu().numpy()
@@ -119,8 +91,7 @@ def neuron_attributions(lm: LoadedModel, task: Task, items: list[Item], method: 
 def select_commonality(attributions: np.ndarray, top_q: float = 0.01, min_share: float = 0.5) -> list[int]:
     """Neurons in an item's top `top_q` fraction with positive attribution, for >= `min_share` of items;
     most frequent first (ties: larger mean attribution)."""
-    if not 0 < top_q <= 1 or not 0 < min_share <= 1:
-        raise CaplocError("--top-q and --min-share must be in (0, 1]")
+    require(0 < top_q <= 1 and 0 < min_share <= 1, "{top_q} and {min_share} must be in (0, 1]", "top_q", "min_share")
     n_items, n_neurons = attributions.shape
     k = max(1, int(round(top_q * n_neurons)))
     top = np.argpartition(-attributions, k - 1, axis=1)[:, :k]
@@ -144,60 +115,51 @@ def overlap_stats(a: list[int], b: list[int]) -> dict:
 
 
 def _cached_attributions(lm, task, items, method, steps, progress) -> np.ndarray:
-    key = json.dumps({"model": lm.fingerprint, "task": task.fingerprint(items), "method": method,
-                      "steps": steps if method == "ig" else None}, sort_keys=True)
-    path = cache_dir() / "attributions" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npy"
-    if path.exists():
-        return np.load(path)
-    values = neuron_attributions(lm, task, items, method, steps, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, values)
-    tmp.replace(path)  # atomic: a killed run leaves no half-written cache
-    return values
+    key = {"model": lm.fingerprint, "task": task.fingerprint(items), "method": method,
+           "steps": steps if method == "ig" else None}
+    return HashCache("attributions", ".npy").get_or_compute(
+        key, lambda: neuron_attributions(lm, task, items, method, steps, progress=progress))
 
 
 def neurons(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithmetic", n: int = 50, seed: int = 0,
             *, method: str = "grad", steps: int = 8, top_q: float = 0.01, min_share: float = 0.5,
             enhance: float | list[float] = (1.1, 1.3, 2.0), general: str | Task | None = "general", n_general: int = 50,
             subtask: str | None = None, shots: int | None = None, data: str | None = None,
-            dtype: str = "float32", store=None, out: str | Path | None = None, progress: bool = False) -> dict:
+            dtype: str = "auto", store=None, out: str | Path | None = None, progress: bool = False) -> NeuronsResult:
     """Locate commonality neurons on split A (n items), again on a disjoint split B, and test split A's
     neurons on split B: ablation vs as many random neurons, and enhancement by `enhance`."""
-    from caploc import api
-
     started = time.perf_counter()
-    lm = api.resolve_model(model, dtype)
-    task_obj = api.resolve_task(task, **api.task_options(subtask, shots, data))
-    layout = neuron_layout(lm.model)
+    lm = resolve_model(model, dtype)
+    task_obj = resolve_task(task, TaskOptions(subtask=subtask, shots=shots, data=data))
+    layout = neuron_site(lm.model).layout
     split_a, split_b = task_obj.items(n, seed), task_obj.items(n, seed, offset=n)
     attr_a = _cached_attributions(lm, task_obj, split_a, method, steps, progress)
     attr_b = _cached_attributions(lm, task_obj, split_b, method, steps, progress)
     located_a = select_commonality(attr_a, top_q, min_share)
     located_b = select_commonality(attr_b, top_q, min_share)
     if not located_a:
-        raise CaplocError(f"no neuron is in the top {top_q:.1%} of at least {min_share:.0%} of the items: "
-                          f"raise --top-q or lower --min-share")
+        raise ParameterError(f"no neuron is in the top {top_q:.1%} of at least {min_share:.0%} of the items: "
+                             f"raise {{top_q}} or lower {{min_share}}", "top_q", "min_share")
     rng = np.random.default_rng(seed)
     random_set = sorted(int(i) for i in rng.choice(np.setdiff1d(np.arange(layout.n_total), located_a),
                                                    size=len(located_a), replace=False))
-    db = api.open_store(store)
-    metric = api.identification_metric(task_obj)
+    db = open_store(store)
+    metric = task_obj.identification_metric
     results = {}
     tasks = [("task", task_obj, split_b)]
     if general:
-        general_task = api.resolve_task(general)
+        general_task = resolve_task(general)
         tasks.append(("general", general_task, general_task.items(n_general, seed)))
     for label, t, items in tasks:
         with Evaluator(lm, t, items, store=db, progress=progress, components="neurons") as ablate:
             scores = ablate.evaluate([[], located_a, random_set]).scores
-        t_metric = metric if label == "task" else api.identification_metric(t)
+        t_metric = metric if label == "task" else t.identification_metric
         entry = {"task": t.config(), "n": len(items), "metric": t_metric,
-                 "located": api.score_summary(scores[t_metric][0], scores[t_metric][1], seed),
-                 "random": api.score_summary(scores[t_metric][0], scores[t_metric][2], seed)}
+                 "located": score_summary(scores[t_metric][0], scores[t_metric][1], seed),
+                 "random": score_summary(scores[t_metric][0], scores[t_metric][2], seed)}
         if "acc" in scores and t_metric != "acc":
-            entry["located_acc"] = api.score_summary(scores["acc"][0], scores["acc"][1], seed)
-            entry["random_acc"] = api.score_summary(scores["acc"][0], scores["acc"][2], seed)
+            entry["located_acc"] = score_summary(scores["acc"][0], scores["acc"][1], seed)
+            entry["random_acc"] = score_summary(scores["acc"][0], scores["acc"][2], seed)
         results[label] = entry
     enhancement = []
     for factor in ([enhance] if isinstance(enhance, (int, float)) else list(enhance)):
@@ -206,24 +168,24 @@ def neurons(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithm
             enhanced = enhance_eval.evaluate([[], located_a, random_set]).scores
         # "drop" < 0 is an improvement; the random neurons scaled alike are the control
         enhancement.append({"factor": float(factor), "metrics": {
-            m: api.score_summary(enhanced[m][0], enhanced[m][1], seed) for m in enhanced},
-            "random_metrics": {m: api.score_summary(enhanced[m][0], enhanced[m][2], seed) for m in enhanced}})
+            m: score_summary(enhanced[m][0], enhanced[m][1], seed) for m in enhanced},
+            "random_metrics": {m: score_summary(enhanced[m][0], enhanced[m][2], seed) for m in enhanced}})
     per_layer = np.bincount([i // layout.n_units for i in located_a], minlength=layout.n_layers)
-    report = {
-        "command": "neurons", "model": lm.describe(), "task": task_obj.config(), "n": n, "seed": seed,
-        "attribution": {"method": method, "steps": steps if method == "ig" else None},
-        "rule": {"top_q": top_q, "min_share": min_share, "n_neurons_total": layout.n_total,
-                 "per_item_top": max(1, int(round(top_q * layout.n_total)))},
-        "neurons": [str(layout.neuron(i)) for i in located_a],
-        "neurons_split_b": [str(layout.neuron(i)) for i in located_b],
-        "per_layer": per_layer.tolist(),
-        "overlap": overlap_stats(located_a, located_b),
-        "random_neurons": [str(layout.neuron(i)) for i in random_set],
-        "ablation": results,
-        "enhancement": enhancement,
-        "fingerprints": {"split_a": task_obj.fingerprint(split_a), "split_b": task_obj.fingerprint(split_b)},
-        "wall_seconds": round(time.perf_counter() - started, 2),
-    }
+    report = NeuronsResult(
+        model=lm.describe(), task=task_obj.config(), n=n, seed=seed,
+        attribution={"method": method, "steps": steps if method == "ig" else None},
+        rule={"top_q": top_q, "min_share": min_share, "n_neurons_total": layout.n_total,
+              "per_item_top": max(1, int(round(top_q * layout.n_total)))},
+        neurons=[str(layout.neuron(i)) for i in located_a],
+        neurons_split_b=[str(layout.neuron(i)) for i in located_b],
+        per_layer=per_layer.tolist(),
+        overlap=overlap_stats(located_a, located_b),
+        random_neurons=[str(layout.neuron(i)) for i in random_set],
+        ablation=results,
+        enhancement=enhancement,
+        fingerprints={"split_a": task_obj.fingerprint(split_a), "split_b": task_obj.fingerprint(split_b)},
+        wall_seconds=round(time.perf_counter() - started, 2),
+    )
     if out:
-        api.write_json(Path(out) / NEURONS_FILE, report)
+        report.save(out)
     return report

@@ -15,71 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from caploc.errors import CaplocError
+from caploc.errors import ParameterError, require
 from caploc.evaluator import Evaluator
+from caploc.experiments.context import build_tasks, open_store, parse_task_list, resolve_model
+from caploc.experiments.results import CompareResult, LocateResult, SpecificityResult, UniversalResult
 from caploc.models import DEFAULT_MODEL, LoadedModel
-from caploc.runs import RESULT, SPECIFICITY, UNIVERSAL, load_run, run_heads
-from caploc.tasks import GENERAL_TASKS, TASKS, Task, get_task
-from caploc.tasks.code import CodeTask
+from caploc.stats import score_summary
+from caploc.tasks import GENERAL_TASKS, TASKS
 
 UNIVERSAL_THRESHOLD = 0.1  # relative drop of a task's universality metric that counts as degrading it
-
-
-def _api():
-    from caploc import api  # api imports this module: resolve late
-
-    return api
-
-
-def build_tasks(names: list[str | Task], task_options: dict[str, dict] | None,
-                allow_code_execution: bool | None, aliases: dict[str, str] | None = None) -> list[Task]:
-    """Tasks by name (or already built); `aliases` maps a name to what builds it (a user task's file)."""
-    tasks = []
-    for name in names:
-        if isinstance(name, Task):
-            tasks.append(name)
-            continue
-        options = dict((task_options or {}).get(name, {}))
-        if ":" in name and name.split(":", 1)[0] in TASKS:  # "general:reading" = a task with a sub-task
-            name, options["subtask"] = name.split(":", 1)
-        name = (aliases or {}).get(name, name)
-        if allow_code_execution is not None and issubclass(TASKS.get(name, Task), CodeTask):
-            options.setdefault("allow_code_execution", allow_code_execution)
-        task = get_task(name, **options)
-        if options.get("subtask") and f"{name}:{options['subtask']}" in names:
-            task.name = f"{name}:{options['subtask']}"  # keep variants of one task apart in the report
-        tasks.append(task)
-    return tasks
-
-
-def parse_task_list(tasks: str | list) -> list:
-    names = [t.strip() if isinstance(t, str) else t for t in (tasks.split(",") if isinstance(tasks, str) else tasks)]
-    names = [t for t in names if not isinstance(t, str) or t]
-    if not names:
-        raise CaplocError("--tasks needs at least one task")
-    return names
-
-
-def run_task_options(run: dict) -> dict:
-    """The options that rebuild a locate run's task (older runs recorded only its config)."""
-    config = run.get("task", {})
-    if "task_options" in run:
-        options = dict(run["task_options"])
-    else:
-        options = {k: config[k] for k in ("shots", "data", "chat") if config.get(k) is not None}
-        if config.get("subtasks"):
-            options["subtask"] = ",".join(config["subtasks"])
-    if config.get("task") not in TASKS and config.get("data"):  # a user's own file: rebuilt from its path
-        options.pop("data", None)
-    return options
-
-
-def run_task_aliases(run: dict) -> dict[str, str]:
-    """A run's task name -> what builds it again (the file path of a user's own task)."""
-    config = run.get("task", {})
-    if config.get("task") not in TASKS and config.get("data"):
-        return {config["task"]: config["data"]}
-    return {}
 
 
 def specificity(model: str | LoadedModel | None = None, heads: str | list[str] | None = None,
@@ -87,48 +31,49 @@ def specificity(model: str | LoadedModel | None = None, heads: str | list[str] |
                 from_run: str | Path | None = None, k: int | None = None,
                 task_options: dict[str, dict] | None = None, allow_code_execution: bool | None = None,
                 dtype: str | None = None, mode: str = "zero", max_new_tokens: int | None = None,
-                store=None, out: str | Path | None = None, progress: bool = False) -> dict:
+                store=None, out: str | Path | None = None, progress: bool = False) -> SpecificityResult:
     """Ablate a head set (given, or the top-k of a `locate` run) on each task: baseline, ablated and paired
     drop of the task's score with bootstrap intervals, and the general-capability average."""
-    api = _api()
     started = time.perf_counter()
-    run = load_run(from_run) if from_run else None
+    run = LocateResult.load(from_run) if from_run else None
     if run is None and not heads:
-        raise CaplocError("give the heads to test (--heads L3H2,L5H1) or a locate run (--from runs/NAME)")
+        raise ParameterError("give the heads to ablate ({heads}, e.g. L3H2,L5H1) or a locate run ({from_run})",
+                             "heads", "from_run")
+    aliases = None
     if run is not None:
-        model = model or run["model"]["spec"]
-        dtype = dtype or run["model"].get("dtype")
-        heads = heads or run_heads(run, k)
+        model = model or run.model["spec"]
+        dtype = dtype or run.model.get("dtype")
+        heads = heads or run.top_heads(k)
+        source, options = run.task_source(TASKS)
         task_options = dict(task_options or {})
-        task_options.setdefault(run["task"]["task"], run_task_options(run))
-    lm = api.resolve_model(model or DEFAULT_MODEL, dtype or "float32")
+        task_options.setdefault(run.task["task"], options)
+        if source != run.task["task"]:
+            aliases = {run.task["task"]: source}
+    lm = resolve_model(model or DEFAULT_MODEL, dtype or "auto")
     head_list = lm.layout.parse_list(heads)
-    if not head_list:
-        raise CaplocError("no heads to ablate")
+    require(bool(head_list), "no heads to ablate ({heads})", "heads")
     mask = [lm.layout.index(h) for h in head_list]
-    db = api.open_store(store)
+    db = open_store(store)
     rows = {}
-    aliases = run_task_aliases(run) if run is not None else None
     for task in build_tasks(parse_task_list(tasks), task_options, allow_code_execution, aliases):
         # the run's own task is scored on items it did not identify on (offset = its n)
-        offset = run["n"] if run is not None and task.name == run["task"]["task"] else 0
+        offset = run.n if run is not None and task.name == run.task["task"] else 0
         items = task.items(n, seed, offset=offset)
         with Evaluator(lm, task, items, mode=mode, store=db, progress=progress,
                        max_new_tokens=max_new_tokens) as evaluator:
             result = evaluator.evaluate([[], mask])
-        metrics = {m: api.score_summary(v[0], v[1], seed) for m, v in result.scores.items()}
+        metrics = {m: score_summary(v[0], v[1], seed) for m, v in result.scores.items()}
         rows[task.name] = {"task": task.config(), "n": len(items), "offset": offset, "metric": task.default_metric,
                            **metrics[task.default_metric], "metrics": metrics,
                            "task_fingerprint": evaluator.task_fingerprint}
     general = [name for name in rows if name in GENERAL_TASKS]
-    report = {
-        "command": "specificity", "model": lm.describe(), "heads": [str(h) for h in head_list],
-        "from_run": run["_path"] if run else None, "n": n, "seed": seed, "mode": mode, "tasks": rows,
-        "general": _general_average(rows, general), "wall_seconds": round(time.perf_counter() - started, 2),
-    }
-    target = out or (Path(run["_path"]).parent if run is not None else None)
+    report = SpecificityResult(
+        model=lm.describe(), heads=[str(h) for h in head_list], from_run=str(run.path) if run else None, n=n,
+        seed=seed, mode=mode, tasks=rows, general=_general_average(rows, general),
+        wall_seconds=round(time.perf_counter() - started, 2))
+    target = out or (run.path.parent if run is not None else None)
     if target:
-        api.write_json(Path(target) / SPECIFICITY, report)
+        report.save(Path(target) / SpecificityResult.filename)
     return report
 
 
@@ -142,11 +87,6 @@ def _general_average(rows: dict, names: list[str]) -> dict | None:
             "mean_relative_drop": float(np.mean([rows[n]["relative_drop"] for n in names]))}
 
 
-def universality_metric(task: Task) -> str:
-    """The signal of degradation per task kind: likelihood of the answer, of all choices, or the score."""
-    return {"target": "logprob", "choice": "logprob_all"}.get(task.kind, task.default_metric)
-
-
 def repetition_rate(text: str, n: int = 3) -> float:
     """Share of word n-grams that repeat an earlier n-gram of the same text (degenerate loops -> 1)."""
     words = text.split()
@@ -158,26 +98,24 @@ def universal(model: str | LoadedModel = DEFAULT_MODEL, tasks: str | list[str] =
               n: int = 20, seed: int = 0, *, candidates: str | list[str] | None = None,
               threshold: float = UNIVERSAL_THRESHOLD, min_tasks: int | None = None,
               task_options: dict[str, dict] | None = None, allow_code_execution: bool | None = None,
-              dtype: str = "float32", mode: str = "zero", max_new_tokens: int | None = None, store=None,
-              out: str | Path | None = None, progress: bool = False) -> dict:
+              dtype: str = "auto", mode: str = "zero", max_new_tokens: int | None = None, store=None,
+              out: str | Path | None = None, progress: bool = False) -> UniversalResult:
     """Ablate every candidate head alone on every task; a head is universal when it degrades at least
     `min_tasks` tasks (default: all but one of >= 3 tasks, else all) by a relative drop >= `threshold`."""
-    api = _api()
     started = time.perf_counter()
-    lm = api.resolve_model(model, dtype)
+    lm = resolve_model(model, dtype)
     layout = lm.layout
     heads = layout.parse_list(candidates) if candidates else layout.all_heads()
     task_objs = build_tasks(parse_task_list(tasks), task_options, allow_code_execution)
     if min_tasks is None:
         min_tasks = len(task_objs) - 1 if len(task_objs) >= 3 else len(task_objs)
-    if not 1 <= min_tasks <= len(task_objs):
-        raise CaplocError(f"--min-tasks must be between 1 and {len(task_objs)}")
-    db = api.open_store(store)
+    require(1 <= min_tasks <= len(task_objs), f"{{min_tasks}} must be between 1 and {len(task_objs)}", "min_tasks")
+    db = open_store(store)
     masks = [[]] + [[layout.index(h)] for h in heads]
     per_task = {}
     relative = np.zeros((len(heads), len(task_objs)))
     for t, task in enumerate(task_objs):
-        metric = universality_metric(task)
+        metric = task.universality_metric
         with Evaluator(lm, task, task.items(n, seed), mode=mode, store=db, progress=progress,
                        max_new_tokens=max_new_tokens) as evaluator:
             result = evaluator.evaluate(masks)
@@ -199,16 +137,14 @@ def universal(model: str | LoadedModel = DEFAULT_MODEL, tasks: str | list[str] =
         row["signature"] = {task.name: _signature(per_task[task.name], h) for task in task_objs}
         rows.append(row)
     rows.sort(key=lambda r: (-r["tasks_degraded"], -r["mean_relative_drop"]))
-    report = {
-        "command": "universal", "model": lm.describe(), "tasks": [t.config() for t in task_objs],
-        "n": n, "seed": seed, "mode": mode, "threshold": threshold, "min_tasks": min_tasks,
-        "metrics": {name: s["metric"] for name, s in per_task.items()},
-        "baselines": {name: s["baseline"] for name, s in per_task.items()},
-        "universal_heads": [r["head"] for r in rows if r["universal"]], "heads": rows,
-        "wall_seconds": round(time.perf_counter() - started, 2),
-    }
+    report = UniversalResult(
+        model=lm.describe(), tasks=[t.config() for t in task_objs], n=n, seed=seed, mode=mode, threshold=threshold,
+        min_tasks=min_tasks, metrics={name: s["metric"] for name, s in per_task.items()},
+        baselines={name: s["baseline"] for name, s in per_task.items()},
+        universal_heads=[r["head"] for r in rows if r["universal"]], heads=rows,
+        wall_seconds=round(time.perf_counter() - started, 2))
     if out:
-        api.write_json(Path(out) / UNIVERSAL, report)
+        report.save(Path(out) / UniversalResult.filename)
     return report
 
 
@@ -221,26 +157,20 @@ def _signature(task_signature: dict, h: int) -> dict:
     return out
 
 
-def compare(run_a: str | Path, run_b: str | Path, k: int | None = None) -> dict:
+def compare(run_a: str | Path, run_b: str | Path, k: int | None = None) -> CompareResult:
     """Overlap of the top-k heads of two locate runs (e.g. identified on arithmetic vs on gsm8k), and the
     Spearman correlation of their per-head scores when both ran on the same model."""
-    a, b = load_run(run_a), load_run(run_b)
-    top_a, top_b = run_heads(a, k), run_heads(b, k)
+    a, b = LocateResult.load(run_a), LocateResult.load(run_b)
+    top_a, top_b = a.top_heads(k), b.top_heads(k)
     shared = [h for h in top_a if h in top_b]
     union = set(top_a) | set(top_b)
-    report = {"command": "compare", "runs": [a["_path"], b["_path"]],
-              "tasks": [a["task"].get("task"), b["task"].get("task")],
-              "k": [len(top_a), len(top_b)], "heads": [top_a, top_b], "shared": shared,
-              "overlap": len(shared), "jaccard": len(shared) / len(union) if union else math.nan,
-              "spearman": None}
-    scores_a, scores_b = a.get("head_scores"), b.get("head_scores")
-    if a["model"].get("fingerprint") != b["model"].get("fingerprint"):
-        report["note"] = "the runs used different models (or precisions): head scores are not compared"
-    elif scores_a and scores_b and len(scores_a) == len(scores_b):
+    report = CompareResult(runs=[str(a.path), str(b.path)], tasks=[a.task.get("task"), b.task.get("task")],
+                           k=[len(top_a), len(top_b)], heads=[top_a, top_b], shared=shared, overlap=len(shared),
+                           jaccard=len(shared) / len(union) if union else math.nan, spearman=None)
+    if a.model.get("fingerprint") != b.model.get("fingerprint"):
+        report.note = "the runs used different models (or precisions): head scores are not compared"
+    elif a.head_scores and b.head_scores and len(a.head_scores) == len(b.head_scores):
         from scipy.stats import spearmanr
 
-        report["spearman"] = float(spearmanr(scores_a, scores_b).statistic)
+        report.spearman = float(spearmanr(a.head_scores, b.head_scores).statistic)
     return report
-
-
-__all__ = ["specificity", "universal", "compare", "repetition_rate", "RESULT"]

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from caploc.components import Head
 from caploc.errors import CaplocError
-from caploc.heads import Head
-from caploc.runs import SPECIFICITY, UNIVERSAL, load_run, read_json
+from caploc.experiments.results import LocateResult, ReportResult, SpecificityResult, UniversalResult
 from caploc.tasks import GENERAL_TASKS
 
 HEATMAP, CURVE, SPECIFICITY_PNG, PAGE = "heatmap.png", "drop_curve.png", "specificity.png", "report.html"
+EFFECTS = "effects.png"
 
 
 def _pyplot():
@@ -90,6 +91,50 @@ def plot_drop_curve(run: dict, path: Path) -> Path:
     return path
 
 
+def plot_effects(run: dict, path: Path) -> Path:
+    """Per head, the target effect and the control effect as layers x heads heatmaps, and one against the
+    other with the chosen heads marked: specific heads sit far right and low."""
+    plt = _pyplot()
+    model = run["model"]
+    n_layers, n_heads = model["n_layers"], model["n_heads"]
+    effects = run["head_effects"]
+    target = np.asarray(effects["target"], dtype=float)
+    control = np.asarray(effects["control"], dtype=float)
+    chosen = [Head.parse(h["head"]) for h in run["heads"]]
+    fig, axes = plt.subplots(1, 3, figsize=(max(13, 3 * (0.45 * n_heads + 2.5)), max(4.2, 0.22 * n_layers + 1.5)))
+    for ax, values, label in ((axes[0], target, f"target: {effects['target_units']}"),
+                              (axes[1], control, f"control: {effects['control_units']}")):
+        grid = values.reshape(n_layers, n_heads)
+        limit = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap="RdBu_r", vmin=-(limit or 1), vmax=limit or 1,
+                          aspect="auto", origin="lower")
+        fig.colorbar(image, ax=ax).set_label(label, fontsize=8)
+        for rank, h in enumerate(chosen, 1):
+            ax.add_patch(plt.Rectangle((h.head - 0.5, h.layer - 0.5), 1, 1, fill=False, edgecolor="black",
+                                       linewidth=2))
+            ax.text(h.head, h.layer, str(rank), ha="center", va="center", fontsize=7, fontweight="bold")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(label.split(":")[0] + " effect per head (blank: not measured)", fontsize=9)
+    ax = axes[2]
+    finite = np.isfinite(target) & np.isfinite(control)
+    ax.scatter(target[finite], control[finite], s=10, color="gray", alpha=0.6, label="heads")
+    idx = [h.layer * n_heads + h.head for h in chosen]
+    ax.scatter(target[idx], control[idx], s=40, color="tab:red", label="chosen")
+    for h, i in zip(chosen, idx):
+        ax.annotate(str(h), (target[i], control[i]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.axvline(0, color="black", linewidth=0.6)
+    ax.set_xlabel(f"target effect ({effects['target_units']})")
+    ax.set_ylabel(f"control effect ({effects['control_units']})")
+    ax.set_title("target vs control effect", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_specificity(spec: dict, capability: str | None, path: Path) -> Path:
     plt = _pyplot()
     names = list(spec["tasks"])
@@ -148,30 +193,37 @@ def _fmt(x) -> str:
 
 
 def report(run_dir: str | Path, out: str | Path | None = None, universal_path: str | Path | None = None,
-           open_browser: bool = False) -> dict:
+           open_browser: bool = False) -> ReportResult:
     """Write heatmap.png, drop_curve.png (and specificity.png) plus report.html into `out` (default: the run
     directory). Specificity and universal results are picked up from the run directory when present."""
-    run = load_run(run_dir)
-    run_path = Path(run["_path"]).parent
+    located = LocateResult.load(run_dir)
+    for key in ("head_scores", "validation", "method", "task"):
+        if not located[key]:
+            raise CaplocError(f"{located.path} lacks {key!r}: not a complete locate result")
+    run = located.to_dict()
+    run_path = located.path.parent
     target = Path(out) if out else run_path
     target.mkdir(parents=True, exist_ok=True)
-    spec = read_json(run_path / SPECIFICITY, "specificity result") if (run_path / SPECIFICITY).exists() else None
-    uni_file = Path(universal_path) if universal_path else run_path / UNIVERSAL
+    spec_file = run_path / SpecificityResult.filename
+    spec = SpecificityResult.load(spec_file).to_dict() if spec_file.exists() else None
+    uni_file = Path(universal_path) if universal_path else run_path / UniversalResult.filename
+    universal = UniversalResult.load(uni_file).to_dict() if (universal_path or uni_file.exists()) else None
     if uni_file.is_dir():
-        uni_file = uni_file / UNIVERSAL
-    universal = read_json(uni_file, "universal result") if (universal_path or uni_file.exists()) else None
+        uni_file = uni_file / UniversalResult.filename
     universal_heads = universal.get("universal_heads", []) if universal else []
-    for key in ("head_scores", "validation", "method", "task"):
-        if key not in run:
-            raise CaplocError(f"{run['_path']} lacks {key!r}: not a complete locate result")
 
     figures = {"heatmap": plot_heatmap(run, target / HEATMAP, universal_heads),
                "drop_curve": plot_drop_curve(run, target / CURVE)}
     if spec:
         figures["specificity"] = plot_specificity(spec, run["task"]["task"], target / SPECIFICITY_PNG)
+    effects = run.get("head_effects") or {}
+    if effects.get("target") and effects.get("control"):
+        figures["effects"] = plot_effects(run, target / EFFECTS)
 
     model, budget, method = run["model"], run.get("budget", {}), run["method"]
-    heads_rows = [(h["rank"], h["head"], f"{h['score']:.4f}", h.get("kv_group", "")) for h in run["heads"]]
+    heads_rows = [(h["rank"], h["head"], f"{h['score']:.4f}", h.get("kv_group", ""),
+                   f"{h['selection_frequency']:.0%}" if "selection_frequency" in h else "-",
+                   f"{h['seed_frequency']:.0%}" if "seed_frequency" in h else "-") for h in run["heads"]]
     curve_rows = []
     for metric, points in run["validation"].items():
         for p in points:
@@ -197,7 +249,8 @@ def report(run_dir: str | Path, out: str | Path | None = None, universal_path: s
                     f"({100 * pts[-1]['relative_drop']:.0f}%)" for m, pts in run["validation"].items()) + ".</p>",
         _img(figures["heatmap"], "Head scores over layers x heads; the top-k heads are boxed with their rank"),
         _img(figures["drop_curve"], "Drop on held-out items when ablating the top-1..top-k heads (paired 95% CI)"),
-        "<h2>Top heads</h2>", _table(heads_rows, ("rank", "head", "score", "KV group")),
+        "<h2>Top heads</h2>", _table(heads_rows, ("rank", "head", "score", "KV group", "selection frequency",
+                                                  "seed frequency")),
         "<h2>Drop curve (held-out)</h2>",
         _table(curve_rows, ("metric", "k", "baseline", "ablated", "drop [95% CI]", "relative drop")),
     ]
@@ -212,6 +265,30 @@ def report(run_dir: str | Path, out: str | Path | None = None, universal_path: s
         sections += ["<h2>Specificity</h2>",
                      _img(figures["specificity"], "Relative drop per task when the heads are ablated"),
                      _table(spec_rows, ("task", "metric", "baseline", "ablated", "drop [95% CI]", "relative drop"))]
+    if "effects" in figures:
+        control = run.get("control") or {}
+        sections += ["<h2>Target and control effects</h2>",
+                     f"<p>Control: {html.escape(', '.join(t['task'] for t in control.get('tasks', [])))}; "
+                     f"criterion {html.escape(str(control.get('criterion')))}, penalty {control.get('penalty')}.</p>",
+                     _img(figures["effects"], "Per-head target and control effects, and one against the other "
+                                              "(chosen heads in red)")]
+        control_rows = [(name, m, f"{c[-1]['baseline']:.4f}", f"{c[-1]['ablated']:.4f}",
+                         f"{c[-1]['drop']:.4f} [{c[-1]['drop_low']:.4f}, {c[-1]['drop_high']:.4f}]",
+                         f"{100 * c[-1]['relative_drop']:.1f}%")
+                        for name, curves in (run.get("control_validation") or {}).items() for m, c in curves.items()]
+        if control_rows:
+            sections += ["<h3>Control, held-out, all k heads ablated</h3>",
+                         _table(control_rows, ("task", "metric", "baseline", "ablated", "drop [95% CI]", "relative"))]
+    stability = run.get("stability") or {}
+    if stability:
+        lines = []
+        if "top_k_mean_frequency" in stability:
+            lines.append(f"{stability['bootstrap']} bootstrap resamples of the identification items: mean selection "
+                         f"frequency of the top-{run['k']} {100 * stability['top_k_mean_frequency']:.0f}%.")
+        if stability.get("top_k_per_seed"):
+            lines.append(f"Seeds {stability['seeds']}: " + "; ".join(", ".join(t) for t in stability["top_k_per_seed"])
+                         + f" (mean pairwise overlap {stability['mean_pairwise_overlap']:.1f} of {run['k']}).")
+        sections += ["<h2>Stability</h2>", "<p>" + html.escape(" ".join(lines)) + "</p>"]
     if universal:
         sections += ["<h2>Universal heads</h2>",
                      f"<p>From {html.escape(str(uni_file))}: heads degrading at least {universal['min_tasks']} "
@@ -229,5 +306,5 @@ def report(run_dir: str | Path, out: str | Path | None = None, universal_path: s
     page_path.write_text(page, encoding="utf-8")
     if open_browser:
         webbrowser.open(page_path.resolve().as_uri())
-    return {"html": str(page_path), "figures": {k: str(v) for k, v in figures.items()},
-            "specificity": spec is not None, "universal_heads": universal_heads}
+    return ReportResult(html=str(page_path), figures={k: str(v) for k, v in figures.items()},
+                        specificity=spec is not None, universal_heads=universal_heads)

@@ -24,8 +24,6 @@ Wanda importance of a head (Sun et al. 2023): sum over its output-projection col
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -33,14 +31,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from caploc import arch
-from caploc.errors import CaplocError
+from caploc.errors import CaplocError, require
 from caploc.evaluator import Evaluator
-from caploc.models import DEFAULT_MODEL, LoadedModel, cache_dir
+from caploc.experiments.context import build_tasks, open_store, parse_task_list, resolve_model
+from caploc.experiments.results import CompressResult, DensityResult, LocateResult
+from caploc.files import HashCache
+from caploc.models import DEFAULT_MODEL, LoadedModel
+from caploc.sites import head_site
+from caploc.tasks.base import LoglikelihoodTask, TargetTask
 from caploc.tasks.text import TextPerplexity, split_stream
 
-DENSITY_FILE = "density.json"
-COMPRESS_FILE = "compress.json"
 ALLOCATIONS = ("density", "uniform", "wanda")
 
 
@@ -104,23 +104,16 @@ def _stream_ids(lm: LoadedModel, n_tokens: int, window: int, part: str) -> torch
 @torch.no_grad()
 def head_outputs(lm: LoadedModel, windows: torch.Tensor, batch: int = 8) -> torch.Tensor:
     """[tokens, n_heads_total, head_dim]: every head's output (its slice of the output projection's input)."""
-    layout = lm.layout
-    projs = arch.attn_out_projs(lm.model)
-    captured: list[list[torch.Tensor]] = [[] for _ in projs]
+    site = head_site(lm.model)
+    captured: list[list[torch.Tensor]] = [[] for _ in range(site.n_layers)]
 
-    def capture(layer):
-        def hook(module, args):
-            captured[layer].append(args[0].detach().float().reshape(-1, layout.n_heads, layout.head_dim))
-        return hook
+    def capture(layer: int, units: torch.Tensor) -> None:
+        captured[layer].append(units.detach().float().reshape(-1, site.n_units, site.unit_dim))
 
-    handles = [p.register_forward_pre_hook(capture(l)) for l, p in enumerate(projs)]
     device = next(lm.model.parameters()).device
-    try:
+    with site.hooked(capture):
         for start in range(0, windows.shape[0], batch):
             lm.model(input_ids=windows[start:start + batch].to(device), logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
     return torch.cat([torch.cat(c).cpu() for c in captured], dim=1)  # [tokens, layers*heads, d]
 
 
@@ -146,17 +139,10 @@ def density_from_features(f: torch.Tensor, window: int) -> dict[str, np.ndarray]
 @torch.no_grad()
 def wanda_per_head(lm: LoadedModel, outputs: torch.Tensor) -> np.ndarray:
     """sum_{i, j in head} |W_ij| * ||X_j||_2 with X the output projection's input over the stream."""
-    layout = lm.layout
-    spec = arch.arch_spec(lm.model)
-    norms = outputs.norm(dim=0)  # [n_heads_total, d]
-    scores = np.zeros(layout.n_total)
-    for layer, proj in enumerate(arch.attn_out_projs(lm.model)):
-        w = proj.weight.detach().float()
-        w = w if not spec.conv1d else w.T  # [out, in]
-        col_abs = w.abs().sum(0).view(layout.n_heads, layout.head_dim)
-        x = norms[layer * layout.n_heads:(layer + 1) * layout.n_heads]
-        scores[layer * layout.n_heads:(layer + 1) * layout.n_heads] = (col_abs * x).sum(-1).numpy()
-    return scores
+    site = head_site(lm.model)
+    norms = outputs.norm(dim=0).view(site.n_layers, site.n_units, site.unit_dim)  # [layers, heads, d]
+    col_abs = torch.stack([site.columns(layer).detach().float().abs().sum(0) for layer in range(site.n_layers)])
+    return (col_abs * norms).sum(-1).reshape(-1).numpy()
 
 
 def _spearman(a, b) -> float:
@@ -167,21 +153,15 @@ def _spearman(a, b) -> float:
 
 def density(model: str | LoadedModel = DEFAULT_MODEL, *, n_tokens: int = 8192, window: int = 128,
             expansion: int = 4, l1: float = 0.1, steps: int = 300, seed: int = 0, from_run: str | Path | None = None,
-            dtype: str = "float32", out: str | Path | None = None, progress: bool = False) -> dict:
+            dtype: str = "auto", out: str | Path | None = None, progress: bool = False) -> DensityResult:
     """Capability density and Wanda importance for every head, and their Spearman correlations (with the
     head scores of a locate run too, when `from_run` is given). Cached per model and parameters."""
-    from caploc import api
-    from caploc.runs import load_run
-
     started = time.perf_counter()
-    lm = api.resolve_model(model, dtype)
+    lm = resolve_model(model, dtype)
     params = {"n_tokens": n_tokens, "window": window, "expansion": expansion, "l1": l1, "steps": steps,
               "seed": seed}
-    key = hashlib.sha256(json.dumps({"model": lm.fingerprint, **params}, sort_keys=True).encode()).hexdigest()[:24]
-    cached = cache_dir() / "density" / f"{key}.json"
-    if cached.exists():
-        result = json.loads(cached.read_text())
-    else:
+
+    def compute() -> dict:
         train_out = head_outputs(lm, _stream_ids(lm, n_tokens, window, "train"))
         eval_out = head_outputs(lm, _stream_ids(lm, max(window * 4, n_tokens // 8), window, "held_out"))
         scale = train_out.norm(dim=-1).mean(0).clamp_min(1e-6)[None, :, None]  # unit mean norm per head
@@ -190,21 +170,22 @@ def density(model: str | LoadedModel = DEFAULT_MODEL, *, n_tokens: int = 8192, w
             features = sae.encode(eval_out / scale)
         measures = density_from_features(features, window)
         wanda = wanda_per_head(lm, torch.cat([train_out, eval_out]))
-        result = {"params": params, "training": training,
-                  "heads": [str(h) for h in lm.layout.all_heads()],
-                  **{k: v.tolist() for k, v in measures.items()}, "wanda": wanda.tolist()}
-        api.write_json(cached, result)
-    report = {"command": "density", "model": lm.describe(), **result,
-              "text": "pydoc_data.topics (CPython documentation), training share for the SAE, held-out for "
-                      "the density measures",
-              "spearman_density_wanda": _spearman(result["density"], result["wanda"])}
+        return {"params": params, "training": training, "heads": [str(h) for h in lm.layout.all_heads()],
+                **{k: v.tolist() for k, v in measures.items()}, "wanda": wanda.tolist()}
+
+    result = HashCache("density", ".json").get_or_compute({"model": lm.fingerprint, **params}, compute)
+    report = DensityResult(
+        model=lm.describe(), **result,
+        text="pydoc_data.topics (CPython documentation), training share for the SAE, held-out for the density "
+             "measures",
+        spearman_density_wanda=_spearman(result["density"], result["wanda"]))
     if from_run:
-        run = load_run(from_run)
-        report["from_run"] = run["_path"]
-        report["spearman_density_head_scores"] = _spearman(result["density"], run["head_scores"])
-    report["wall_seconds"] = round(time.perf_counter() - started, 2)
+        run = LocateResult.load(from_run)
+        report.from_run = str(run.path)
+        report.spearman_density_head_scores = _spearman(result["density"], run.head_scores)
+    report.wall_seconds = round(time.perf_counter() - started, 2)
     if out:
-        api.write_json(Path(out) / DENSITY_FILE, report)
+        report.save(out)
     return report
 
 
@@ -215,10 +196,9 @@ def allocate(allocation: str, target: float, density_scores: np.ndarray, wanda: 
     - uniform: the same number from every layer (least Wanda within the layer);
     - density: per-layer budgets inversely related to the layer's mean density (denser layers lose fewer
       heads), least Wanda within the layer."""
-    if allocation not in ALLOCATIONS:
-        raise CaplocError(f"unknown allocation {allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
-    if not 0 < target < 1:
-        raise CaplocError("--target must be a fraction of heads in (0, 1)")
+    require(allocation in ALLOCATIONS,
+            f"unknown {{allocation}} {allocation!r}: choose one of {', '.join(ALLOCATIONS)}", "allocation")
+    require(0 < target < 1, "{target} must be a fraction of heads in (0, 1)", "target")
     total = int(round(target * n_layers * n_heads))
     wanda_grid = wanda.reshape(n_layers, n_heads)
     if allocation == "wanda":
@@ -262,36 +242,33 @@ def _apportion(weights: np.ndarray, total: int, cap: int) -> list[int]:
 def compress(model: str | LoadedModel = DEFAULT_MODEL, target: float = 0.3,
              allocation: str | list[str] = ("density", "uniform", "wanda"), *, n: int = 50, seed: int = 0,
              tasks: str | list[str] = ("arithmetic", "general"), task_options: dict[str, dict] | None = None,
-             dtype: str = "float32", store=None, out: str | Path | None = None, progress: bool = False,
-             **density_params) -> dict:
+             dtype: str = "auto", store=None, out: str | Path | None = None, progress: bool = False,
+             **density_params) -> CompressResult:
     """Remove `target` of the heads under each allocation; report held-out perplexity and task scores."""
-    from caploc import api
-    from caploc.analysis import build_tasks, parse_task_list
-
     started = time.perf_counter()
     allocations = [allocation] if isinstance(allocation, str) else list(allocation)
     for a in allocations:  # refuse bad arguments before the model and the SAEs cost anything
         allocate(a, target, np.zeros(1), np.zeros(1), 1, 1)
-    lm = api.resolve_model(model, dtype)
+    lm = resolve_model(model, dtype)
     scores = density(lm, **density_params, progress=progress)
-    d, w = np.asarray(scores["density"]), np.asarray(scores["wanda"])
+    d, w = np.asarray(scores.density), np.asarray(scores.wanda)
     layout = lm.layout
     removed = {a: allocate(a, target, d, w, layout.n_layers, layout.n_heads) for a in allocations}
     masks = [[]] + [removed[a] for a in allocations]
-    db = api.open_store(store)
+    db = open_store(store)
     text = TextPerplexity()
     evaluations = {}
     for task in [text] + build_tasks(parse_task_list(tasks), task_options, None):
         with Evaluator(lm, task, task.items(n, seed), store=db, progress=progress) as evaluator:
             result = evaluator.evaluate(masks)
-            counts = evaluator.target_tokens() if task.kind == "target" else None
+            counts = evaluator.target_tokens() if isinstance(task, TargetTask) else None
         if task is text:
             evaluations["perplexity"] = [float(np.exp(-result.scores["logprob"][m].sum() / counts.sum()))
                                          for m in range(len(masks))]
         else:
             metric = task.default_metric
             evaluations[f"{task.name} {metric}"] = result.mean(metric).tolist()
-            if task.kind in ("target", "choice"):
+            if isinstance(task, LoglikelihoodTask):
                 evaluations[f"{task.name} logprob"] = result.mean("logprob").tolist()
     rows = [{"allocation": "none", "removed": 0, **{k: v[0] for k, v in evaluations.items()}}]
     for j, a in enumerate(allocations, 1):
@@ -299,10 +276,9 @@ def compress(model: str | LoadedModel = DEFAULT_MODEL, target: float = 0.3,
         rows.append({"allocation": a, "removed": len(removed[a]), "per_layer": per_layer.tolist(),
                      "heads": [str(layout.head(i)) for i in removed[a]],
                      **{k: v[j] for k, v in evaluations.items()}})
-    report = {"command": "compress", "model": lm.describe(), "target": target, "n": n, "seed": seed,
-              "perplexity_text": text.config(), "rows": rows,
-              "spearman_density_wanda": scores["spearman_density_wanda"],
-              "wall_seconds": round(time.perf_counter() - started, 2)}
+    report = CompressResult(model=lm.describe(), target=target, n=n, seed=seed, perplexity_text=text.config(),
+                            rows=rows, spearman_density_wanda=scores.spearman_density_wanda,
+                            wall_seconds=round(time.perf_counter() - started, 2))
     if out:
-        api.write_json(Path(out) / COMPRESS_FILE, report)
+        report.save(out)
     return report

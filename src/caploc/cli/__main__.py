@@ -1,0 +1,3 @@
+from caploc.cli import main
+
+main()

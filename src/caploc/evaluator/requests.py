@@ -1,0 +1,150 @@
+"""What to score: a task's items tokenized as the model sees them.
+
+Log-likelihood tasks become teacher-forced sequences (prompt + one continuation each), tokenized exactly
+as the whole prompt tokenizes (BPE merges across the few-shot/context boundary matter: a separately
+tokenized few-shot prefix changes accuracy a lot) and split into a prefix shared by a group of items and a
+per-item context. Generation tasks become prompts. Chat tasks wrap each prompt in the model's chat
+template (and then share no prefix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from caploc.errors import CaplocError
+from caploc.tasks.base import GenerationTask, Item, LoglikelihoodTask, Task, TargetTask
+
+
+@dataclass
+class Sequence:
+    """One teacher-forced continuation: item `item` (continuation `choice`) = prefix + context + continuation."""
+
+    item: int
+    choice: int
+    prefix: tuple[int, ...]
+    context: list[int]
+    continuation: list[int]
+
+
+class Requests:
+    def __init__(self, tokenizer, task: Task, items: list[Item]):
+        if not items:
+            raise CaplocError("no items to evaluate")
+        self.tokenizer = tokenizer
+        self.task = task
+        self.items = list(items)
+        self.generation = isinstance(task, GenerationTask)
+        self.sequences: list[Sequence] | None = None
+        if isinstance(task, LoglikelihoodTask):
+            self.sequences = self._tokenize_sequences()
+
+    # -- prompts -------------------------------------------------------------------------------------
+    def encode(self, text: str, special: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def prompt_parts(self, item: Item) -> tuple[str, str]:
+        """(shared prefix, item context); chat tasks wrap both in the chat template, so share nothing."""
+        if not self.task.chat:
+            return item.prefix, item.context
+        messages = [{"role": "user", "content": item.prefix + item.context}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "", text
+
+    def prompt_ids(self, item: Item) -> list[int]:
+        prefix, context = self.prompt_parts(item)
+        return self.encode(prefix + context, special=not self.task.chat)
+
+    # -- teacher-forced sequences ----------------------------------------------------------------------
+    def _tokenize_sequences(self) -> list[Sequence]:
+        prompts = []
+        for item in self.items:
+            prefix, context = self.prompt_parts(item)
+            if not prefix and not context:
+                raise CaplocError(f"item {item.id} has an empty prompt")
+            prompts.append((prefix, self.encode(prefix + context, special=not self.task.chat)))
+        # prefix text -> number of leading ids common to every prompt of its group: the few-shot text
+        # plus whatever the items' own openings share ("Question: What is ")
+        shared: dict[str, int] = {}
+        first: dict[str, list[int]] = {}
+        for prefix, ids in prompts:
+            if prefix:
+                reference = first.setdefault(prefix, ids)
+                common = _common_length(reference, ids)
+                shared[prefix] = min(shared.get(prefix, common), common)
+        sequences = []
+        for i, (item, (prefix, ids)) in enumerate(zip(self.items, prompts)):
+            k = min(shared.get(prefix, 0), len(ids) - 1)
+            for c, text in enumerate(self.task.continuations(item)):
+                if not text:
+                    raise CaplocError(f"item {item.id} has an empty target/choice")
+                sequences.append(Sequence(i, c, tuple(ids[:k]), ids[k:], self._continuation_ids(item, ids, text)))
+        return sequences
+
+    def _continuation_ids(self, item: Item, prompt_ids: list[int], text: str) -> list[int]:
+        prefix, context = self.prompt_parts(item)
+        joint = self.encode(prefix + context + text, special=not self.task.chat)
+        if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
+            return joint[len(prompt_ids):]
+        return self.encode(text, False)  # the target merges into the prompt's last token: encode apart
+
+    def _need_sequences(self) -> list[Sequence]:
+        if self.sequences is None:
+            raise CaplocError(f"task {self.task.name} has no known answer (it is a generation task)")
+        return self.sequences
+
+    def prefix_groups(self) -> dict[tuple[int, ...], list[int]]:
+        """Shared prefix -> indices of the sequences that start with it."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for s, seq in enumerate(self._need_sequences()):
+            groups.setdefault(seq.prefix, []).append(s)
+        return groups
+
+    def row_tokens(self, members) -> int:
+        """Tokens a row holds in memory: its suffix plus the prefix KV cache it attends to."""
+        seqs = self._need_sequences()
+        return max(len(seqs[s].prefix) + len(seqs[s].context) + len(seqs[s].continuation) for s in members)
+
+    def per_item(self, values: np.ndarray) -> list[np.ndarray]:
+        """[n_masks, n_sequences] -> per item, [n_masks, n_continuations of the item]."""
+        by_item: list[list[int]] = [[] for _ in self.items]
+        for s, seq in enumerate(self._need_sequences()):
+            by_item[seq.item].append(s)
+        return [values[:, members] for members in by_item]
+
+    def tokens_per_mask(self) -> int | None:
+        """Model tokens one mask costs on these items (shared prefixes counted once); None for generation,
+        whose length depends on what the model writes."""
+        if self.sequences is None:
+            return None
+        prefixes = {s.prefix for s in self.sequences}
+        return sum(len(p) for p in prefixes) + sum(len(s.context) + len(s.continuation) - 1 for s in self.sequences)
+
+    def answer_sequences(self) -> list[tuple[list[int], int]]:
+        """Per item: the token ids of its prompt followed by its correct answer, and the index where the
+        answer starts, tokenized exactly as the scores are (chat template, joint BPE merges)."""
+        rows: list = [None] * len(self.items)
+        for seq in self._need_sequences():
+            if seq.choice == self.task.answer_index(self.items[seq.item]):
+                ids = list(seq.prefix) + seq.context + seq.continuation
+                rows[seq.item] = (ids, len(ids) - len(seq.continuation))
+        return rows
+
+    def target_tokens(self) -> np.ndarray:
+        """Tokens of each item's known target (for perplexity: exp(-logprob.sum() / target_tokens.sum()))."""
+        if not isinstance(self.task, TargetTask):
+            raise CaplocError("target_tokens() needs a known-target task")
+        counts = np.zeros(len(self.items))
+        for seq in self.sequences:
+            counts[seq.item] = len(seq.continuation)
+        return counts
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,87 @@
+"""`caploc eval` and `caploc heads`: a task's scores at baseline and with heads ablated; the model's heads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from caploc.errors import require
+from caploc.evaluator import Evaluator
+from caploc.experiments.context import TaskOptions, resolve_model, resolve_task
+from caploc.experiments.results import EvaluateResult, HeadsResult
+from caploc.models import DEFAULT_MODEL, LoadedModel
+from caploc.stats import score_summary
+from caploc.tasks.base import Task
+
+
+def evaluate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithmetic", n: int = 100, seed: int = 0,
+             ablate: str | list[str] | None = None, *, subtask: str | None = None, shots: int | None = None,
+             data: str | None = None, fewshot_data: str | None = None, chat: bool | None = None,
+             allow_code_execution: bool | None = None, dtype: str = "auto", mode: str = "zero",
+             max_new_tokens: int | None = None, progress: bool = False,
+             json_path: str | Path | None = None) -> EvaluateResult:
+    """Baseline and ablated scores of a task, with bootstrap 95% intervals and the paired relative drop."""
+    lm = resolve_model(model, dtype)
+    task_obj = resolve_task(task, TaskOptions(subtask, shots, data, fewshot_data, chat, allow_code_execution))
+    heads = lm.layout.parse_list(ablate)
+    items = task_obj.items(n, seed)
+    masks = [[]] + ([[lm.layout.index(h) for h in heads]] if heads else [])
+    with Evaluator(lm, task_obj, items, mode=mode, progress=progress, max_new_tokens=max_new_tokens) as evaluator:
+        scores = evaluator.evaluate(masks).scores
+    result = EvaluateResult(
+        model=lm.describe(), task=task_obj.config(), n=len(items), seed=seed, mode=mode,
+        ablated_heads=[str(h) for h in heads], metric=task_obj.default_metric,
+        metrics={name: score_summary(values[0], values[1] if heads else None, seed) for name, values in scores.items()},
+        budget=evaluator.stats.as_dict(), task_fingerprint=evaluator.task_fingerprint)
+    if json_path:
+        result.save(json_path)
+    return result
+
+
+def heads(model: str | LoadedModel = DEFAULT_MODEL, dtype: str = "auto", scores: str | None = None,
+          seed: int = 0) -> HeadsResult:
+    """The model's layers, heads and KV groups; with `scores="induction"` also each head's prefix-matching
+    score (`prefix_matching_scores`)."""
+    require(scores in (None, *HEAD_SCORES), f"unknown {{scores}} {scores!r}: choose {', '.join(HEAD_SCORES)}",
+            "scores")
+    lm = resolve_model(model, dtype)
+    layout = lm.layout
+    rows = [{"head": str(h), "layer": h.layer, "index": layout.index(h), "kv_group": layout.kv_group(h)}
+            for h in layout.all_heads()]
+    if scores == "induction":
+        values = prefix_matching_scores(lm, seed=seed).reshape(-1)
+        for row in rows:
+            row["prefix_matching"] = float(values[row["index"]])
+    return HeadsResult(model=lm.describe(), heads=rows)
+
+
+HEAD_SCORES = ("induction",)
+
+
+@torch.no_grad()
+def prefix_matching_scores(lm: LoadedModel, n: int = 8, length: int = 40, seed: int = 0) -> np.ndarray:
+    """Per head, [n_layers, n_heads]: on random token sequences repeated twice, the mean attention from each
+    token of the repeat to the token that followed its first occurrence (Olsson et al. 2022's prefix-matching
+    score; induction heads score near 1). Independent of ablation: a ground truth for `locate --task induction`."""
+    tok = lm.tokenizer
+    model = lm.model
+    special = set(tok.all_special_ids)
+    ordinary = torch.tensor([i for i in range(min(len(tok), model.config.vocab_size)) if i not in special])
+    g = torch.Generator().manual_seed(seed)
+    first = ordinary[torch.randint(0, len(ordinary), (n, length), generator=g)]
+    ids = torch.cat([first, first], dim=1)
+    offset = 0
+    if tok.bos_token_id is not None:
+        ids = torch.cat([torch.full((n, 1), tok.bos_token_id), ids], dim=1)
+        offset = 1
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # the fused kernels do not return attention weights
+    try:
+        attentions = model(input_ids=ids.to(next(model.parameters()).device), output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation(previous)
+    queries = torch.arange(offset + length + 1, offset + 2 * length)  # second occurrence, after its first token
+    keys = queries - length + 1  # the token after the query token's first occurrence
+    return np.stack([a[:, :, queries, keys].float().mean(dim=(0, 2)).cpu().numpy() for a in attentions])

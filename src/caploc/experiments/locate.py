@@ -1,0 +1,189 @@
+"""`caploc locate`: identify the top-k heads of a capability on some items, validate them on held-out items."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from caploc.errors import ParameterError, check_positive, require
+from caploc.evaluator import Evaluator
+from caploc.experiments.context import (TaskOptions, build_tasks, open_store, parse_task_list, resolve_model,
+                                        resolve_task)
+from caploc.experiments.results import LocateResult, UniversalResult
+from caploc.methods import (DEFAULT_CANDIDATES, DEFAULT_MASKS, DEFAULT_METHOD, DEFAULT_PENALTY, DEFAULT_SCREEN,
+                            DEFAULT_SPARSITY, Objective, make_method)
+from caploc.models import DEFAULT_MODEL, LoadedModel
+from caploc.stats import score_summary
+from caploc.store import EvalStore
+from caploc.tasks.base import Task
+
+
+def drop_curve(evaluator: Evaluator, ranking: list[int], k: int, seed: int) -> dict:
+    """Ablate the top-1, top-2, ..., top-k heads (cumulatively) and measure every metric's paired drop."""
+    masks = [ranking[:j] for j in range(0, k + 1)]
+    result = evaluator.evaluate(masks)
+    return {name: [score_summary(values[0], values[j], seed) | {"k": j} for j in range(1, k + 1)]
+            for name, values in result.scores.items()}
+
+
+CONTROL_DEFAULT = "general"
+DEFAULT_BOOTSTRAP = 200
+
+
+def _control_tasks(control) -> list:
+    """`control`: task names (comma-separated or a list), or None / "none" / "" for the paper's objective."""
+    if control is None or (isinstance(control, str) and control.strip().lower() in ("", "none")):
+        return []
+    return build_tasks(parse_task_list(control), None, None)
+
+
+def selection_frequency(method, objective: Objective, k: int, n_boot: int, seed: int) -> np.ndarray:
+    """Per head, the share of bootstrap resamples of the identification items (target and control resampled
+    independently) in which the method, replayed on the stored per-item scores, puts it in its top-k. No new
+    model call: greedy-type methods whose replay leaves the evaluated path complete their top-k from the
+    ranking of the round where it left."""
+    counts = np.zeros(objective.n_heads)
+    rng = np.random.default_rng([seed, 0xB007])
+    for _ in range(n_boot):
+        counts[method.run(objective.resampled(rng), k).top(k)] += 1
+    return counts / n_boot
+
+
+def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithmetic", method: str = DEFAULT_METHOD,
+           k: int = 5, n: int = 100, seed: int = 0, *, control: str | list | None = CONTROL_DEFAULT,
+           n_control: int | None = None, penalty: float = DEFAULT_PENALTY, screen: str = DEFAULT_SCREEN,
+           n_candidates: int = DEFAULT_CANDIDATES, n_masks: int = DEFAULT_MASKS, sparsity: float = DEFAULT_SPARSITY,
+           alpha="cv", metric: str | None = None, n_validate: int | None = None, bootstrap: int = DEFAULT_BOOTSTRAP,
+           seeds: list[int] | None = None, subtask: str | None = None,
+           shots: int | None = None, data: str | None = None, fewshot_data: str | None = None,
+           chat: bool | None = None, allow_code_execution: bool | None = None, dtype: str = "auto",
+           mode: str = "zero", max_new_tokens: int | None = None, exclude: str | list[str] | None = None,
+           exclude_universal: str | Path | None = None, store: str | Path | EvalStore | None = None,
+           out: str | Path | None = None, progress: bool = False) -> LocateResult:
+    """Identify the top-k heads of a capability on `n` items, then validate them on `n_validate` held-out items.
+
+    `control` tasks (default `general`; None or "none" for the paper's plain objective) are evaluated on every
+    mask too, on `n_control` identification items (default n), and methods maximize the specificity criterion
+    with `penalty` (methods.base); held-out control items measure the chosen heads' control drop.
+    `bootstrap` resamples of the identification items give each head's selection frequency; `seeds` runs the
+    whole identification once per seed (items and method randomness) and reports how often each head recurs.
+    `exclude` heads, and the heads a `universal` result (`exclude_universal`: its file or directory) flags,
+    are never reported."""
+    check_positive("k", k)
+    require(penalty >= 0, "{penalty} must be >= 0", "penalty")
+    require(bootstrap >= 0, "{bootstrap} must be >= 0", "bootstrap")
+    if seeds:
+        return _locate_seeds(locals())
+    started = time.perf_counter()
+    lm = resolve_model(model, dtype)
+    options = TaskOptions(subtask, shots, data, fewshot_data, chat, allow_code_execution)
+    task_obj = resolve_task(task, options)
+    control_tasks = _control_tasks(control)
+    metric = metric or task_obj.identification_metric
+    universal = UniversalResult.load(exclude_universal).universal_heads if exclude_universal else None
+    excluded = sorted({lm.layout.index(h) for h in lm.layout.parse_list(exclude) + lm.layout.parse_list(universal)})
+    method_obj = make_method(method, n_masks=n_masks, sparsity=sparsity, alpha=alpha, seed=seed, screen=screen,
+                             n_candidates=n_candidates)
+    id_items = task_obj.items(n, seed)
+    held_out = task_obj.items(n_validate or n, seed, offset=n)
+    db = open_store(store)
+    common = dict(mode=mode, store=db, progress=progress, max_new_tokens=max_new_tokens)
+    identify = Evaluator(lm, task_obj, id_items, **common)
+    validate = Evaluator(lm, task_obj, held_out, **common)
+    n_control = n_control or n
+    control_id = [Evaluator(lm, t, t.items(n_control, seed), **common) for t in control_tasks]
+    control_val = [Evaluator(lm, t, t.items(n_validate or n_control, seed, offset=n_control), **common)
+                   for t in control_tasks]
+    if metric not in identify.metric_names():
+        raise ParameterError(f"task {task_obj.name} has no {{metric}} {metric!r}: use "
+                             f"{', '.join(identify.metric_names())}", "metric")
+    objective = Objective(identify, metric, control_id, penalty)
+    result = method_obj.run(objective, k)
+    requested = objective.requested
+    frequency = selection_frequency(method_obj, objective, k, bootstrap, seed) if bootstrap else None
+    ranking = [i for i in result.ranking if i not in excluded]
+    top = ranking[:k]
+    identification = drop_curve(identify, ranking, k, seed)
+    validation = drop_curve(validate, ranking, k, seed)
+    control_validation = {t.task.name: drop_curve(t, ranking, k, seed) for t in control_val}
+    layout = lm.layout
+    evaluators = [identify, validate, *control_id, *control_val]
+    per_mask = sum(e.tokens_per_mask() or 0 for e in [identify, *control_id]) or None
+    located = LocateResult(
+        model=lm.describe(), task=task_obj.config(), task_options=options.recorded(),
+        method={"name": method, **method_obj.params()},
+        k=k, n=len(id_items), n_validate=len(held_out), seed=seed, mode=mode, metric=metric,
+        control={"tasks": [t.config() for t in control_tasks], "metrics": objective.control_metrics,
+                 "n": n_control if control_tasks else 0, "penalty": penalty,
+                 "criterion": "target_drop/|target_baseline| - penalty * max(mean control relative drop, 0)"
+                 if control_tasks else "target drop (no control)"},
+        excluded_heads=[str(layout.head(i)) for i in excluded],
+        heads=[{"rank": r + 1, "head": str(layout.head(i)), "index": i, "score": float(result.head_scores[i]),
+                "kv_group": layout.kv_group(layout.head(i))}
+               | ({"selection_frequency": float(frequency[i])} if frequency is not None else {})
+               for r, i in enumerate(top)],
+        score_name=result.score_name, head_scores=[float(x) for x in result.head_scores],
+        head_effects=_effects(result, objective),
+        ranking=[str(layout.head(i)) for i in ranking], details=result.details,
+        identification=identification, validation=validation, control_validation=control_validation,
+        stability={"bootstrap": bootstrap, "selection_frequency": frequency.tolist(),
+                   "top_k_mean_frequency": float(frequency[top].mean())} if frequency is not None else {},
+        fingerprints={"model": lm.fingerprint, "identification_items": identify.task_fingerprint,
+                      "validation_items": validate.task_fingerprint,
+                      "control_items": [e.task_fingerprint for e in control_id]},
+        budget={
+            "evaluations": requested,
+            "computed_evaluations": sum(e.stats.evaluations for e in evaluators),
+            "reused_evaluations": sum(e.stats.reused for e in evaluators),
+            "model_tokens": sum(e.stats.tokens for e in evaluators),
+            "method_model_tokens": sum(e.stats.tokens for e in [identify, *control_id]),
+            "tokens_per_evaluation": per_mask,
+            "wall_seconds": round(time.perf_counter() - started, 2),
+        },
+        store=str(db.path) if db else None)
+    if out:
+        located.save(out)
+    return located
+
+
+def _effects(result, objective: Objective) -> dict:
+    """Per head: the method's estimate of its ablation's target drop and control drop."""
+    def listed(values):
+        return None if values is None else [float(v) for v in np.asarray(values, dtype=np.float64)]
+
+    return {"target": listed(result.target_effects), "control": listed(result.control_effects),
+            "target_units": f"{objective.metric} drop", "control_units": "mean relative drop of the controls"}
+
+
+def _locate_seeds(arguments: dict) -> LocateResult:
+    """One run per seed (each its own items and method randomness); the first seed's result, with how often each
+    head recurs in the seeds' top-k and their pairwise overlaps."""
+    arguments = dict(arguments)
+    seeds = [int(s) for s in arguments.pop("seeds")]
+    # one model and one store for every seed
+    arguments["model"] = resolve_model(arguments["model"], arguments["dtype"])
+    arguments["store"] = open_store(arguments["store"])
+    out = arguments.pop("out")
+    runs = []
+    for seed in seeds:
+        runs.append(locate(**{**arguments, "seed": seed, "seeds": None, "out": None}))
+    k = arguments["k"]
+    tops = [r.top_heads(k) for r in runs]
+    counts: dict[str, int] = {}
+    for top in tops:
+        for h in top:
+            counts[h] = counts.get(h, 0) + 1
+    pairs = [len(set(a) & set(b)) for i, a in enumerate(tops) for b in tops[i + 1:]]
+    first = runs[0]
+    first.stability = dict(first.stability) | {
+        "seeds": seeds, "top_k_per_seed": tops,
+        "seed_frequency": {h: c / len(seeds) for h, c in sorted(counts.items(), key=lambda x: -x[1])},
+        "pairwise_overlap": pairs, "mean_pairwise_overlap": float(np.mean(pairs)) if pairs else None}
+    for h in first.heads:
+        h["seed_frequency"] = counts.get(h["head"], 0) / len(seeds)
+    first.budget = dict(first.budget) | {"all_seeds_model_tokens": sum(r.budget["model_tokens"] for r in runs)}
+    if out:
+        first.save(out)
+    return first
