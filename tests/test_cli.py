@@ -92,8 +92,10 @@ def test_eval_layer0_ablation_shows_large_drop(tmp_path):
 @pytest.mark.slow
 def test_locate_on_embedded_model_writes_result(tmp_path):
     out = tmp_path / "run"
-    proc = run("locate", "--subtask", "2D+", "--n", "12", "--n-validate", "12", "--masks", "24", "--k", "3",
-               "--store", str(tmp_path / "evals.sqlite"), "--out", str(out), "--quiet")
+    # csb with the paper's plain objective (the default method is `refine` with a control since issue 10)
+    proc = run("locate", "--method", "csb", "--control", "none", "--subtask", "2D+", "--n", "12", "--n-validate",
+               "12", "--masks", "24", "--k", "3", "--store", str(tmp_path / "evals.sqlite"), "--out", str(out),
+               "--quiet")
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "result.json").read_text())
     assert [h["rank"] for h in result["heads"]] == [1, 2, 3]

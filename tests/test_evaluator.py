@@ -121,3 +121,33 @@ def test_mean_ablation_evaluator_differs_from_zero():
     mean = Evaluator(lm, task, items, mode="mean").evaluate([[], [4]])
     np.testing.assert_array_equal(zero.scores["logprob"][0], mean.scores["logprob"][0])
     assert not np.allclose(zero.scores["logprob"][1], mean.scores["logprob"][1])
+
+
+class UnevenChoice(MultipleChoiceTask):
+    name = "unevenchoice"
+
+    def pool(self, seed, needed):
+        return [Item(id=str(i), context="Pick" + " one" * (1 + 3 * i) + ":", choices=(" a", " bb c", " ddd"),
+                     label=i % 3) for i in range(needed)]
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_packed_multiple_choice_prefixes_match_plain_forward(name):
+    # items of different lengths share passes (left-padded prefixes, one per item): every choice's score
+    # under every mask equals a plain forward of the weight-zeroed model
+    model, tok = build(name), byte_tokenizer()
+    lm = wrap_model(model, tok)
+    task = UnevenChoice()
+    items = task.items(5)
+    sets = [[], [1, 6], [lm.layout.n_total - 2]]
+    result = Evaluator(lm, task, items).evaluate(sets)
+    for m, heads in enumerate(sets):
+        edited = copy.deepcopy(model)
+        head_site(edited).zero_columns([lm.layout.head(i) for i in heads])
+        for i, item in enumerate(items):
+            prompt = tok(item.context)["input_ids"]
+            full = tok(item.context + item.choices[item.label])["input_ids"]
+            with torch.no_grad():
+                logits = edited(torch.tensor([full])).logits[0, len(prompt) - 1:-1]
+            expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(full[len(prompt):])[:, None]).sum().item()
+            assert result.scores["logprob"][m, i] == pytest.approx(expected, abs=1e-4), (m, i)

@@ -40,11 +40,12 @@ def _chromium() -> str | None:
 def test_report_renders_in_headless_chromium(real_run, tmp_path):
     written = caploc.report(real_run)
     page = Path(written["html"])
-    assert set(written["figures"]) == {"heatmap", "drop_curve", "specificity"}
+    # the run has a control task (the default `general`): its target/control effects figure comes too
+    assert set(written["figures"]) == {"heatmap", "drop_curve", "specificity", "effects"}
     for png in written["figures"].values():
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = page.read_text()
-    assert text.count("data:image/png;base64,") == 3 and "src=\"http" not in text  # self-contained
+    assert text.count("data:image/png;base64,") == 4 and "src=\"http" not in text  # self-contained
     assert "Parameters and fingerprints" in text and "Universal heads" in text and "general average" in text
     browser = _chromium()
     if browser is None:
@@ -60,7 +61,7 @@ def test_report_renders_in_headless_chromium(real_run, tmp_path):
     sizes = re.search(r"<title>sizes:([^<]*)</title>", dom)
     assert sizes, dom[:500]
     dims = [tuple(map(int, s.split("x"))) for s in sizes.group(1).split(",")]
-    assert len(dims) == 3 and all(w > 0 and h > 0 for w, h in dims), dims
+    assert len(dims) == len(written["figures"]) and all(w > 0 and h > 0 for w, h in dims), dims
     shot = tmp_path / "report.png"
     subprocess.run(flags + [f"--screenshot={shot}", page.resolve().as_uri()], capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 10_000

@@ -45,7 +45,7 @@ class ComponentAblation:
         ablates), or scaled by `scales[r]` (float [rows, n_total], 1 = untouched). A single row applies to
         every row of the batch."""
         if scales is None:
-            scales = None if mask is None else (~mask.bool()).float()
+            scales = None if mask is None else (~mask.bool()).to(torch.float64)
         if scales is None:
             yield
             return

@@ -40,3 +40,16 @@ def score_summary(base_scores: np.ndarray, ablated_scores: np.ndarray | None, se
         out |= {"ablated": a_mean, "ablated_low": a_lo, "ablated_high": a_hi}
         out |= paired_drop(base_scores, ablated_scores, seed=seed)
     return out
+
+
+LOW_BASELINE = 0.1
+
+
+def low_baseline_warning(task_name: str, accuracy: float, identification_metric: str | None = None) -> str | None:
+    """One line when the model barely does the task (baseline accuracy below LOW_BASELINE)."""
+    if accuracy >= LOW_BASELINE:
+        return None
+    line = f"the model barely does {task_name}: baseline accuracy {accuracy:.3f} < {LOW_BASELINE}"
+    if identification_metric and identification_metric != "acc":
+        line += f"; identification runs on the answer's {identification_metric}, a continuous score"
+    return line

@@ -48,7 +48,7 @@ def locate(
     control: str = typer.Option(CONTROL_DEFAULT, "--control", help="control task(s) evaluated on every mask; heads "
                                 "are chosen by target drop minus --penalty x control drop; 'none' for the paper's "
                                 "plain objective"),
-    n_control: Optional[int] = typer.Option(None, "--n-control", help="control identification items (default: --n)"),
+    n_control: Optional[int] = typer.Option(None, "--n-control", help="control identification items (default: min(--n, 12))"),
     penalty: float = typer.Option(DEFAULT_PENALTY, "--penalty", help="weight of the control's relative drop"),
     screen: str = typer.Option(DEFAULT_SCREEN, "--screen", help="refine: the screen (atp, csb, css)"),
     n_candidates: int = typer.Option(DEFAULT_CANDIDATES, "--candidates", help="refine: candidates greedy decides among"),
@@ -226,3 +226,9 @@ def compress(
                           tasks=tasks, task_options=o.parse_task_options(data, subtask), dtype=dtype, store=store,
                           out=out, progress=_progress(quiet, as_json), n_tokens=n_tokens)
     render.emit(result, as_json, json_file, render.print_compress)
+
+
+@app.command()
+def doctor(as_json: o.AsJson = False, json_file: o.JsonFile = None):
+    """Which sandbox layers model-written code (humaneval, mbpp) runs under on this machine."""
+    render.emit(api.doctor(), as_json, json_file, render.print_doctor)

@@ -47,6 +47,12 @@ def print_eval(report) -> None:
     console.print(table)
     b = report["budget"]
     console.print(f"{b['evaluations']} evaluations, {b['tokens']} tokens, {b['seconds']:.1f} s")
+    print_warnings(report)
+
+
+def print_warnings(report) -> None:
+    for line in report.get("warnings") or []:
+        console.print(f"[yellow]warning: {line}[/yellow]")
 
 
 def print_locate(report) -> None:
@@ -97,6 +103,7 @@ def print_locate(report) -> None:
             for m, c in curves.items() if m in ("acc", "acc_norm", "logprob")))
     if report.get("details", {}).get("warning"):
         console.print(f"[yellow]warning: {report['details']['warning']}[/yellow]")
+    print_warnings(report)
     b = report["budget"]
     console.print(f"budget: {b['evaluations']} method evaluations ({b['computed_evaluations']} computed, "
                   f"{b['reused_evaluations']} reused from the store), {b['model_tokens']} model tokens, "
@@ -240,3 +247,20 @@ def print_compress(report) -> None:
 def print_export(written) -> None:
     console.print(f"wrote {written['out']}: {written['model']['spec']} without {', '.join(written['removed_heads'])}")
 
+
+
+def print_doctor(report) -> None:
+    console.print(f"caploc runs as {report['running_as']}; sandboxed code {report['drops_to']}")
+    layers = ("pid_namespace", "network_namespace", "filesystem_read_only", "seccomp", "no_new_privs",
+              "capabilities_dropped")
+    table = Table(title="sandbox layers seen by a probe inside each isolation mechanism")
+    table.add_column("mechanism")
+    for layer in ("available",) + layers:
+        table.add_column(layer.replace("_", " "))
+    for name, seen in report["mechanisms"].items():
+        table.add_row(name, *["yes" if seen.get(layer) else "no" for layer in ("available",) + layers])
+    console.print(table)
+    if report["in_use"]:
+        console.print(f"in use: {report['in_use']}")
+    else:
+        console.print(f"[red]model-written code is refused: {report['refusal']}[/red]")

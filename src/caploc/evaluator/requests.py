@@ -75,8 +75,12 @@ class Requests:
                 shared[prefix] = min(shared.get(prefix, common), common)
         sequences = []
         for i, (item, (prefix, ids)) in enumerate(zip(self.items, prompts)):
-            k = min(shared.get(prefix, 0), len(ids) - 1)
-            for c, text in enumerate(self.task.continuations(item)):
+            continuations = self.task.continuations(item)
+            if prefix:
+                k = min(shared[prefix], len(ids) - 1)
+            else:  # an item's choices share its whole prompt: run it once per mask, not once per choice
+                k = len(ids) - 1 if len(continuations) > 1 else 0
+            for c, text in enumerate(continuations):
                 if not text:
                     raise CaplocError(f"item {item.id} has an empty target/choice")
                 sequences.append(Sequence(i, c, tuple(ids[:k]), ids[k:], self._continuation_ids(item, ids, text)))

@@ -51,7 +51,8 @@ class Runner:
         """Masked components are zeroed (scale 0) or multiplied by `scale` in the rows of `mask`."""
         if self.scale == 0.0:
             return self.ablation.applied(mask)
-        return self.ablation.applied(scales=torch.where(mask.bool(), self.scale, 1.0))
+        scale = torch.tensor(self.scale, dtype=torch.float64)  # cast to the model's dtype in the hook, not before
+        return self.ablation.applied(scales=torch.where(mask.bool(), scale, torch.ones((), dtype=torch.float64)))
 
     def masks_per_pass(self, requests: Requests) -> int:
         if requests.generation:  # rows = masks x items; keep about GENERATE_ROWS rows per call
@@ -69,7 +70,16 @@ class Runner:
         seq_logprob = np.zeros((n_masks, n_seq))
         seq_greedy = np.zeros((n_masks, n_seq), dtype=bool)
         mask_dev = mask.to(self.device)
-        for prefix, members in requests.prefix_groups().items():
+        groups = requests.prefix_groups()
+        prefixed = [(p, m) for p, m in groups.items() if p]
+        if len(prefixed) > 1:  # many prefixes (one per multiple-choice item): pack them into shared passes
+            for pack in _packs(prefixed, requests):
+                logprob, greedy = self._score_packed(requests, pack, mask_dev)
+                members = [s for _, group in pack for s in group]
+                seq_logprob[:, members] = logprob
+                seq_greedy[:, members] = greedy
+            groups = {p: m for p, m in groups.items() if not p}
+        for prefix, members in groups.items():
             prefix_cache = self._run_prefix(prefix, mask_dev) if prefix else None
             per_chunk = max(1, self.batch_tokens // (requests.row_tokens(members) * n_masks))
             for start in range(0, len(members), per_chunk):
@@ -78,6 +88,47 @@ class Runner:
                 seq_logprob[:, chunk] = logprob
                 seq_greedy[:, chunk] = greedy
         return seq_logprob, seq_greedy
+
+    def _score_packed(self, requests: Requests, pack, mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Several prefix groups in shared passes: their prefixes (LEFT-padded and attention-masked, so every
+        suffix starts at the same cache index and sliding-window attention sees true distances) once per
+        mask, then every member sequence on its own group's prefix cache. The pack and its padded layout are
+        fixed by the items alone, so a sequence is laid out the same way under every mask."""
+        pad = self.lm.tokenizer.pad_token_id
+        prefixes = [list(p) for p, _ in pack]
+        group_of = torch.tensor([g for g, (_, members) in enumerate(pack) for _ in members], device=self.device)
+        seqs = [requests.sequences[s] for _, members in pack for s in members]
+        pre_ids, pre_real = pad_batch(prefixes, pad, side="left", device=self.device)
+        pre_positions = (pre_real.cumsum(1) - 1).clamp_min(0)
+        inputs = [seq.context + seq.continuation[:-1] for seq in seqs]
+        suf_ids, _ = pad_batch(inputs, pad, device=self.device)
+        n_groups, n_seq, width = len(pack), len(seqs), suf_ids.shape[1]
+        prefix_len = pre_real.sum(1)
+        starts = [len(seq.context) - 1 for seq in seqs]
+        ends = [len(seq.context) + len(seq.continuation) - 1 for seq in seqs]
+        lo, hi = min(starts), max(ends)
+        keep = torch.arange(lo, hi, device=self.device)
+        attention = torch.cat([pre_real[group_of], torch.ones_like(suf_ids)], dim=1)
+        positions = prefix_len[group_of][:, None] + torch.arange(width, device=self.device)[None]
+        per_call = max(1, self.batch_tokens // (n_groups * pre_ids.shape[1] + n_seq * width))
+        total = np.zeros((mask.shape[0], n_seq))
+        greedy = np.zeros((mask.shape[0], n_seq), dtype=bool)
+        for m0 in range(0, mask.shape[0], per_call):
+            chunk = mask[m0:m0 + per_call]
+            c = chunk.shape[0]
+            with self._applied(chunk.repeat_interleave(n_groups, dim=0)):  # mask-major rows
+                cache = self.lm.model(input_ids=pre_ids.repeat(c, 1), attention_mask=pre_real.repeat(c, 1),
+                                      position_ids=pre_positions.repeat(c, 1), use_cache=True,
+                                      logits_to_keep=1).past_key_values
+            cache.batch_select_indices((torch.arange(c, device=self.device)[:, None] * n_groups
+                                        + group_of[None]).reshape(-1))
+            with self._applied(chunk.repeat_interleave(n_seq, dim=0)):
+                logits = self.lm.model(input_ids=suf_ids.repeat(c, 1), attention_mask=attention.repeat(c, 1),
+                                       position_ids=positions.repeat(c, 1), past_key_values=cache, use_cache=True,
+                                       logits_to_keep=keep).logits
+            self.stats.tokens += int(pre_real.sum()) * c + sum(len(x) for x in inputs) * c
+            total[m0:m0 + c], greedy[m0:m0 + c] = _gather(logits, seqs, starts, ends, lo, c, self.device)
+        return total, greedy
 
     def _run_prefix(self, prefix: tuple[int, ...], mask: torch.Tensor):
         ids = torch.tensor([prefix], device=self.device).expand(mask.shape[0], -1)
@@ -110,17 +161,7 @@ class Runner:
             logits = self.lm.model(input_ids=rows_ids, use_cache=prefix_cache is not None,
                                    logits_to_keep=keep, **kwargs).logits
         self.stats.tokens += sum(len(x) for x in inputs) * n_masks
-        logprobs = torch.log_softmax(logits.float(), dim=-1).view(n_masks, n_seq, len(keep), -1)
-        argmax = logits.argmax(dim=-1).view(n_masks, n_seq, len(keep))
-        total = np.zeros((n_masks, n_seq))
-        greedy = np.ones((n_masks, n_seq), dtype=bool)
-        for r, seq in enumerate(seqs):
-            pos = torch.arange(starts[r] - lo, ends[r] - lo, device=self.device)
-            target = torch.tensor(seq.continuation, device=self.device)
-            lp = logprobs[:, r, pos, :].gather(-1, target[None, :, None].expand(n_masks, -1, 1)).squeeze(-1)
-            total[:, r] = lp.double().sum(-1).cpu().numpy()
-            greedy[:, r] = (argmax[:, r, pos] == target[None]).all(-1).cpu().numpy()
-        return total, greedy
+        return _gather(logits, seqs, starts, ends, lo, n_masks, self.device)
 
     # -- gradients with respect to the component multipliers ---------------------------------------------
     def sequence_gradients(self, requests: Requests) -> np.ndarray:
@@ -137,10 +178,10 @@ class Runner:
             ids, _ = pad_batch([rows[s] for s in chunk], self.lm.tokenizer.pad_token_id, device=self.device)
             starts = [len(rows[s]) - len(seqs[s].continuation) for s in chunk]
             lo, hi = min(starts) - 1, max(len(rows[s]) for s in chunk) - 1
-            scales = torch.ones(len(chunk), self.ablation.n_total, requires_grad=True)
+            scales = torch.ones(len(chunk), self.ablation.n_total, dtype=torch.float64, requires_grad=True)
             with torch.enable_grad(), self.ablation.applied(scales=scales):
                 logits = self.lm.model(input_ids=ids, logits_to_keep=torch.arange(lo, hi, device=self.device)).logits
-                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                logprobs = torch.log_softmax(_at_least_fp32(logits), dim=-1)
                 total = 0
                 for r, s in enumerate(chunk):
                     target = torch.tensor(seqs[s].continuation, device=self.device)
@@ -191,3 +232,48 @@ class Runner:
             ids, real = pad_batch(prompts[start:start + 16], self.lm.tokenizer.pad_token_id)
             set_weights(real.float())  # right padding, pads weighted 0
             self.lm.model(input_ids=ids.to(self.device), logits_to_keep=1)
+
+
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax in fp32 for half-precision models, in the model's own precision above that."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _gather(logits, seqs, starts, ends, lo, n_masks, device) -> tuple[np.ndarray, np.ndarray]:
+    """From logits [n_masks * n_seq (mask-major), kept positions, vocab]: each sequence's continuation
+    log-probability and whether greedy decoding reproduces it, [n_masks, n_seq]."""
+    n_seq = len(seqs)
+    logprobs = torch.log_softmax(_at_least_fp32(logits), dim=-1).view(n_masks, n_seq, logits.shape[1], -1)
+    argmax = logits.argmax(dim=-1).view(n_masks, n_seq, logits.shape[1])
+    total = np.zeros((n_masks, n_seq))
+    greedy = np.ones((n_masks, n_seq), dtype=bool)
+    for r, seq in enumerate(seqs):
+        pos = torch.arange(starts[r] - lo, ends[r] - lo, device=device)
+        target = torch.tensor(seq.continuation, device=device)
+        lp = logprobs[:, r, pos, :].gather(-1, target[None, :, None].expand(n_masks, -1, 1)).squeeze(-1)
+        total[:, r] = lp.double().sum(-1).cpu().numpy()
+        greedy[:, r] = (argmax[:, r, pos] == target[None]).all(-1).cpu().numpy()
+    return total, greedy
+
+
+PACK_TOKENS = 2048  # tokens of one mask's rows in a pack of prefix groups
+
+
+def _packs(groups, requests: Requests) -> list[list]:
+    """Consecutive prefix groups packed up to about PACK_TOKENS per mask (prefixes and member suffixes
+    padded to the pack's longest): a layout that depends on the items only."""
+    packs, current = [], []
+    for prefix, members in groups:
+        trial = current + [(prefix, members)]
+        longest_prefix = max(len(p) for p, _ in trial)
+        longest_suffix = max(len(requests.sequences[s].context) + len(requests.sequences[s].continuation) - 1
+                             for _, ms in trial for s in ms)
+        size = len(trial) * longest_prefix + sum(len(ms) for _, ms in trial) * longest_suffix
+        if current and size > PACK_TOKENS:
+            packs.append(current)
+            current = [(prefix, members)]
+        else:
+            current = trial
+    if current:
+        packs.append(current)
+    return packs

@@ -12,7 +12,7 @@ from caploc.evaluator import Evaluator
 from caploc.experiments.context import TaskOptions, resolve_model, resolve_task
 from caploc.experiments.results import EvaluateResult, HeadsResult
 from caploc.models import DEFAULT_MODEL, LoadedModel
-from caploc.stats import score_summary
+from caploc.stats import low_baseline_warning, score_summary
 from caploc.tasks.base import Task
 
 
@@ -35,6 +35,9 @@ def evaluate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arith
         ablated_heads=[str(h) for h in heads], metric=task_obj.default_metric,
         metrics={name: score_summary(values[0], values[1] if heads else None, seed) for name, values in scores.items()},
         budget=evaluator.stats.as_dict(), task_fingerprint=evaluator.task_fingerprint)
+    if "acc" in scores:
+        note = low_baseline_warning(task_obj.name, float(scores["acc"][0].mean()), task_obj.identification_metric)
+        result.warnings += [note] if note else []
     if json_path:
         result.save(json_path)
     return result

@@ -15,7 +15,7 @@ from caploc.experiments.results import LocateResult, UniversalResult
 from caploc.methods import (DEFAULT_CANDIDATES, DEFAULT_MASKS, DEFAULT_METHOD, DEFAULT_PENALTY, DEFAULT_SCREEN,
                             DEFAULT_SPARSITY, Objective, make_method)
 from caploc.models import DEFAULT_MODEL, LoadedModel
-from caploc.stats import score_summary
+from caploc.stats import low_baseline_warning, score_summary
 from caploc.store import EvalStore
 from caploc.tasks.base import Task
 
@@ -29,6 +29,7 @@ def drop_curve(evaluator: Evaluator, ranking: list[int], k: int, seed: int) -> d
 
 
 CONTROL_DEFAULT = "general"
+DEFAULT_N_CONTROL = 12  # control items per mask: a multiple-choice control costs ~2x a 3-shot arithmetic item
 DEFAULT_BOOTSTRAP = 200
 
 
@@ -39,15 +40,17 @@ def _control_tasks(control) -> list:
     return build_tasks(parse_task_list(control), None, None)
 
 
-def selection_frequency(method, objective: Objective, k: int, n_boot: int, seed: int) -> np.ndarray:
+def selection_frequency(method, objective: Objective, k: int, n_boot: int, seed: int,
+                        details: dict | None = None) -> np.ndarray:
     """Per head, the share of bootstrap resamples of the identification items (target and control resampled
     independently) in which the method, replayed on the stored per-item scores, puts it in its top-k. No new
     model call: greedy-type methods whose replay leaves the evaluated path complete their top-k from the
-    ranking of the round where it left."""
+    ranking of the round where it left; CS refits with the penalty its run chose (`details`)."""
+    replay = method.for_replay(details) if details is not None else method
     counts = np.zeros(objective.n_heads)
     rng = np.random.default_rng([seed, 0xB007])
     for _ in range(n_boot):
-        counts[method.run(objective.resampled(rng), k).top(k)] += 1
+        counts[replay.run(objective.resampled(rng), k).top(k)] += 1
     return counts / n_boot
 
 
@@ -65,7 +68,7 @@ def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithme
     """Identify the top-k heads of a capability on `n` items, then validate them on `n_validate` held-out items.
 
     `control` tasks (default `general`; None or "none" for the paper's plain objective) are evaluated on every
-    mask too, on `n_control` identification items (default n), and methods maximize the specificity criterion
+    mask too, on `n_control` identification items (default min(n, 12)), and methods maximize the specificity criterion
     with `penalty` (methods.base); held-out control items measure the chosen heads' control drop.
     `bootstrap` resamples of the identification items give each head's selection frequency; `seeds` runs the
     whole identification once per seed (items and method randomness) and reports how often each head recurs.
@@ -92,7 +95,7 @@ def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithme
     common = dict(mode=mode, store=db, progress=progress, max_new_tokens=max_new_tokens)
     identify = Evaluator(lm, task_obj, id_items, **common)
     validate = Evaluator(lm, task_obj, held_out, **common)
-    n_control = n_control or n
+    n_control = n_control or min(n, DEFAULT_N_CONTROL)
     control_id = [Evaluator(lm, t, t.items(n_control, seed), **common) for t in control_tasks]
     control_val = [Evaluator(lm, t, t.items(n_validate or n_control, seed, offset=n_control), **common)
                    for t in control_tasks]
@@ -102,7 +105,7 @@ def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithme
     objective = Objective(identify, metric, control_id, penalty)
     result = method_obj.run(objective, k)
     requested = objective.requested
-    frequency = selection_frequency(method_obj, objective, k, bootstrap, seed) if bootstrap else None
+    frequency = selection_frequency(method_obj, objective, k, bootstrap, seed, result.details) if bootstrap else None
     ranking = [i for i in result.ranking if i not in excluded]
     top = ranking[:k]
     identification = drop_curve(identify, ranking, k, seed)
@@ -143,6 +146,9 @@ def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithme
             "wall_seconds": round(time.perf_counter() - started, 2),
         },
         store=str(db.path) if db else None)
+    if "acc" in validation:
+        note = low_baseline_warning(task_obj.name, validation["acc"][0]["baseline"], metric)
+        located.warnings += [note] if note else []
     if out:
         located.save(out)
     return located

@@ -126,6 +126,7 @@ class EvaluateResult(Result):
     metrics: dict  # metric -> score summary (baseline, ablated, paired drop with intervals)
     budget: dict
     task_fingerprint: str
+    warnings: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
 
@@ -153,6 +154,7 @@ class LocateResult(Result):
     head_effects: dict = field(default_factory=dict)  # per head: estimated target and control drops
     control_validation: dict = field(default_factory=dict)  # control task -> metric -> held-out drop curve
     stability: dict = field(default_factory=dict)  # bootstrap selection frequency; per-seed top-k
+    warnings: list[str] = field(default_factory=list)
     mode: str = "zero"
     excluded_heads: list[str] = field(default_factory=list)
     details: dict = field(default_factory=dict)
@@ -312,6 +314,16 @@ class ReportResult(Result):
     universal_heads: list[str]
 
 
+@dataclass
+class DoctorResult(Result):
+    command: ClassVar[str] = "doctor"
+    running_as: str
+    drops_to: str
+    mechanisms: dict  # bwrap / namespaces -> which layers a probe inside it saw
+    in_use: str | None
+    refusal: str | None = _optional()
+
+
 RESULT_TYPES = {cls.command: cls for cls in (HeadsResult, EvaluateResult, LocateResult, SpecificityResult,
                                              UniversalResult, CompareResult, NeuronsResult, DensityResult,
-                                             CompressResult, ExportResult, ReportResult)}
+                                             CompressResult, ExportResult, ReportResult, DoctorResult)}

@@ -190,3 +190,8 @@ class Method:
 
     def run(self, objective: Objective, k: int) -> MethodResult:
         raise NotImplementedError
+
+    def for_replay(self, details: dict) -> "Method":
+        """The method as bootstrap replays run it, given its run's details (CS keeps the penalty it chose by
+        cross-validation instead of choosing again on every resample)."""
+        return self

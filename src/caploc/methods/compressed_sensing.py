@@ -102,6 +102,12 @@ class CompressedSensing(Method):
         self.sparsity = sparsity
         self.alpha = alpha
         self.seed = seed
+        self.fixed_alphas: tuple | None = None  # (target, control) penalties of a replay
+
+    def for_replay(self, details: dict) -> "CompressedSensing":
+        replay = CompressedSensing(self.design, self.n_masks, self.sparsity, self.alpha, self.seed)
+        replay.fixed_alphas = (details["alpha"], details.get("control_alpha"))
+        return replay
 
     @property
     def name(self) -> str:
@@ -119,7 +125,8 @@ class CompressedSensing(Method):
     def fit(self, design: np.ndarray, delta: np.ndarray, control_delta: np.ndarray | None = None,
             objective: Objective | None = None) -> MethodResult:
         """Regress the target's score change (and the control's, on the same design) on the design."""
-        fit = fit_lasso(design, delta, self.alpha, self.seed)
+        alphas = self.fixed_alphas or (self.alpha, self.alpha)
+        fit = fit_lasso(design, delta, alphas[0], self.seed)
         marginal = marginal_effects(design, delta)
         usage = design.sum(0)
         details = {
@@ -138,7 +145,7 @@ class CompressedSensing(Method):
         if control_delta is None:
             return MethodResult(ranking=rank_from_fit(fit["coef"], marginal), head_scores=target_effects,
                                 score_name="-lasso coefficient", details=details, target_effects=target_effects)
-        control_fit = fit_lasso(design, control_delta, self.alpha, self.seed)
+        control_fit = fit_lasso(design, control_delta, alphas[1], self.seed)
         control_effects = -control_fit["coef"]
         details |= {"control_alpha": control_fit["alpha"], "control_r2": control_fit["r2"],
                     "control_coefficients": control_fit["coef"].tolist()}

@@ -25,6 +25,9 @@ class ScreenRefine(Method):
         return {"screen": self.screen.name, "n_candidates": self.n_candidates,
                 **{f"screen_{k}": v for k, v in self.screen.params().items()}}
 
+    def for_replay(self, details: dict) -> "ScreenRefine":
+        return ScreenRefine(self.screen.for_replay(details["screen"]), self.n_candidates)
+
     def run(self, objective: Objective, k: int) -> MethodResult:
         screened = self.screen.run(objective, k)
         candidates = screened.ranking[: max(k, self.n_candidates)]
@@ -43,6 +46,7 @@ class ScreenRefine(Method):
         details = {"candidates": candidates, "rounds": refined.details["rounds"],
                    "screen": {"name": self.screen.name, "score_name": screened.score_name,
                               "head_scores": np.asarray(screened.head_scores).tolist(),
-                              **{k: v for k, v in screened.details.items() if k in ("r2", "alpha", "warning")}}}
+                              **{k: v for k, v in screened.details.items()
+                                 if k in ("r2", "alpha", "control_alpha", "control_r2", "warning")}}}
         return MethodResult(ranking=ranking, head_scores=head_scores, score_name=refined.score_name + " (candidates)",
                             details=details, target_effects=target, control_effects=control)

@@ -27,6 +27,12 @@ class HyperSearch(Method):
         return {"masks": list(self.masks), "sparsities": list(self.sparsities), "design": self.design,
                 "alpha": self.alpha, "seed": self.seed}
 
+    def for_replay(self, details: dict) -> Method:
+        """The winning setting alone (its masks are the first rows of the nested design the search evaluated)."""
+        setting = details["setting"]
+        return CompressedSensing(self.design, setting["n_masks"], setting["sparsity"], self.alpha,
+                                 self.seed).for_replay(details)
+
     def run(self, objective: Objective, k: int) -> MethodResult:
         grid = []
         best: tuple[float, MethodResult] | None = None

@@ -1,0 +1,155 @@
+"""Quality of localization methods: do they find specific, reproducible heads, and at what cost?
+
+For each task (arithmetic 2D+, induction, ioi), seed and method, `caploc.locate` identifies the top-k heads;
+the benchmark then reports, per task and method:
+- model tokens relative to iterative greedy's (identification and control-identification passes, a backward
+  pass counted as two forwards);
+- held-out target drop (the identification metric, all k heads ablated) as % of greedy's;
+- held-out `general` accuracy drop (points) of the same heads, on general items no method saw;
+- cross-seed top-k overlap (mean over seed pairs) and the mean bootstrap selection frequency of the top-k;
+- induction: how many of the top-k are among the 10 highest prefix-matching heads (a non-ablation truth).
+
+Methods run as the paper defines them (no control: greedy, 1s-greedy, csb, css, atp) and as caploc's
+control-aware default (`refine`, control `general`), plus any --extra refine variants.
+
+Usage: python bench/locate_quality.py [--tasks arithmetic,induction,ioi] [--seeds 0,1,2] [--n 20]
+       [--greedy-seeds 0] [--json bench/locate_quality.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from caploc import load_model, locate
+from caploc.evaluator import Evaluator
+from caploc.experiments.evaluate import prefix_matching_scores
+from caploc.stats import paired_drop
+from caploc.store import EvalStore
+from caploc.tasks import get_task
+
+TASK_OPTIONS = {"arithmetic": {"subtask": "2D+"}, "induction": {}, "ioi": {}}
+PAPER_METHODS = {"greedy": {}, "1s-greedy": {}, "csb": {"n_masks": 100, "sparsity": 0.05},
+                 "css": {"n_masks": 100, "sparsity": 0.05}, "atp": {}}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--tasks", default="arithmetic,induction,ioi")
+    parser.add_argument("--methods", default="greedy,1s-greedy,csb,css,atp,refine")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--greedy-seeds", default="0", help="iterative greedy is the costliest reference")
+    parser.add_argument("--n", type=int, default=20, help="identification items")
+    parser.add_argument("--n-validate", type=int, default=20)
+    parser.add_argument("--n-control", type=int, default=8, help="control (general) identification items")
+    parser.add_argument("--n-general", type=int, default=40, help="held-out general items for the control drop")
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--bootstrap", type=int, default=100)
+    parser.add_argument("--extra", default="", help="refine variants, e.g. 'css:16,atp:24' (screen:candidates)")
+    parser.add_argument("--store", default="bench/locate_quality.sqlite")
+    parser.add_argument("--json", default="bench/locate_quality.json")
+    args = parser.parse_args()
+
+    lm = load_model(args.model, dtype=args.dtype)
+    store = EvalStore(args.store)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    greedy_seeds = [int(s) for s in args.greedy_seeds.split(",")]
+    general = get_task("general")
+    general_items = general.items(args.n_general, seed=0, offset=200)  # beyond every control set used
+    general_eval = Evaluator(lm, general, general_items, store=store)
+    general_base = general_eval.baseline().scores["acc"][0]
+    configs = []
+    for name in args.methods.split(","):
+        if name == "refine":
+            configs.append(("refine (default, control general)", dict(method="refine", control="general")))
+        else:
+            configs.append((name, dict(method=name, control="none", **PAPER_METHODS[name])))
+    for variant in filter(None, args.extra.split(",")):
+        screen, m = variant.split(":")
+        configs.append((f"refine {screen} M={m} (control general)",
+                        dict(method="refine", control="general", screen=screen, n_candidates=int(m))))
+    prefix_top10 = None
+    rows, raw = [], {}
+    for task_name in args.tasks.split(","):
+        task = get_task(task_name, **TASK_OPTIONS.get(task_name, {}))
+        if task_name == "induction":
+            scores = prefix_matching_scores(lm).reshape(-1)
+            prefix_top10 = {str(lm.layout.head(int(i))) for i in np.argsort(-scores)[:10]}
+        per_config = {}
+        for label, config in configs:
+            runs = []
+            for seed in (greedy_seeds if config["method"] == "greedy" else seeds):
+                started = time.perf_counter()
+                run = locate(lm, task, k=args.k, n=args.n, n_validate=args.n_validate, seed=seed,
+                             n_control=args.n_control, bootstrap=args.bootstrap, store=store, **config)
+                top = run.top_heads(args.k)
+                general_scores = general_eval.evaluate([[lm.layout.index(lm.layout.parse(h)) for h in top]])
+                general_drop = paired_drop(general_base, general_scores.scores["acc"][0])
+                metric = run.metric
+                runs.append({"seed": seed, "top": top, "tokens": run.budget["method_model_tokens"],
+                             "target_drop": run.validation[metric][-1]["drop"],
+                             "target_baseline": run.validation[metric][-1]["baseline"],
+                             "general_drop": general_drop["drop"], "general_drop_low": general_drop["drop_low"],
+                             "general_drop_high": general_drop["drop_high"],
+                             "frequency": run.stability.get("top_k_mean_frequency"),
+                             "seconds": round(time.perf_counter() - started, 1)})
+                print(f"{task_name} {label} seed {seed}: {top} target drop {runs[-1]['target_drop']:.3f} "
+                      f"general drop {100 * general_drop['drop']:.1f} pts, {runs[-1]['tokens']} tokens, "
+                      f"{runs[-1]['seconds']} s", flush=True)
+            per_config[label] = runs
+        raw[task_name] = per_config
+        greedy = per_config.get("greedy")
+        for label, runs in per_config.items():
+            tops = [set(r["top"]) for r in runs]
+            overlap = (np.mean([len(a & b) for a, b in itertools.combinations(tops, 2)])
+                       if len(tops) > 1 else None)
+            row = {"task": task_name, "method": label, "seeds": len(runs),
+                   "tokens": float(np.mean([r["tokens"] for r in runs])),
+                   "target_drop": float(np.mean([r["target_drop"] for r in runs])),
+                   "general_drop_pts": 100 * float(np.mean([r["general_drop"] for r in runs])),
+                   "cross_seed_overlap": overlap,
+                   "frequency": (float(np.mean([r["frequency"] for r in runs]))
+                                 if runs[0]["frequency"] is not None else None)}
+            if greedy:
+                row["tokens_vs_greedy"] = row["tokens"] / np.mean([r["tokens"] for r in greedy])
+                row["target_drop_pct_greedy"] = 100 * row["target_drop"] / np.mean([r["target_drop"] for r in greedy])
+                row["general_drop_minus_greedy_pts"] = row["general_drop_pts"] - 100 * np.mean(
+                    [r["general_drop"] for r in greedy])
+            if task_name == "induction" and prefix_top10:
+                row["in_prefix_top10"] = float(np.mean([len(set(r["top"]) & prefix_top10) for r in runs]))
+            rows.append(row)
+        write(args.json, rows, raw, vars(args), prefix_top10)
+    print_table(rows, args.k)
+
+
+def write(path, rows, raw, params, prefix_top10):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"params": params, "rows": rows, "runs": raw,
+                                      "prefix_matching_top10": sorted(prefix_top10 or [])}, indent=2,
+                                     default=float))
+
+
+def print_table(rows, k):
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    print(f"| task | method | seeds | tokens / greedy's | held-out target drop (% greedy) | held-out general drop "
+          f"(pts; - greedy's) | cross-seed top-{k} overlap | mean selection frequency | induction: in prefix top-10 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['task']} | {r['method']} | {r['seeds']} | {fmt(r.get('tokens_vs_greedy'), '.3f')} | "
+              f"{r['target_drop']:.2f} ({fmt(r.get('target_drop_pct_greedy'), '.0f')}%) | "
+              f"{r['general_drop_pts']:.1f} ({fmt(r.get('general_drop_minus_greedy_pts'), '+.1f')}) | "
+              f"{fmt(r['cross_seed_overlap'], '.1f')} | {fmt(r['frequency'], '.2f')} | "
+              f"{fmt(r.get('in_prefix_top10'), '.1f')} |")
+
+
+if __name__ == "__main__":
+    main()
