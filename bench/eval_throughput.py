@@ -12,7 +12,6 @@ Usage: python bench/eval_throughput.py [--n 50] [--masks 64] [--seed-style-masks
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import numpy as np

@@ -15,7 +15,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 
 from caploc import load_model
 from caploc.evaluator import Evaluator

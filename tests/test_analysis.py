@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from caploc import CaplocError, compare, locate, specificity, universal, wrap_model

@@ -109,3 +109,17 @@ def test_locate_on_embedded_model_writes_result(tmp_path):
     assert 0 <= coverage["min_ablations_per_head"] <= coverage["max_ablations_per_head"]
     assert 5 <= coverage["mean_heads_per_mask"] <= 25
     assert "drop on held-out items" in proc.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_a_missing_device_is_one_line():
+    proc = run("eval", "--device", "cuda", "--n", "2")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: --device cuda is not available here"), proc.stderr
+    from caploc import ParameterError, load_model
+
+    with pytest.raises(ParameterError, match="^device cuda:3 is not available here"):
+        load_model("smollm2-135m", device="cuda:3")
+    proc = run("heads", "--device", "tpu")
+    assert proc.returncode == 2 and "unknown --device 'tpu'" in proc.stderr

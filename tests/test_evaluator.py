@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from caploc import arch, wrap_model
+from caploc import wrap_model
 from caploc.evaluator import Evaluator
 from caploc.tasks import get_task
 from caploc.sites import head_site

@@ -3,7 +3,6 @@ known heads (induction, IOI)."""
 
 import numpy as np
 import pytest
-import torch
 
 from caploc import locate, wrap_model
 from caploc.evaluator import EvalResult, Evaluator

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from caploc import arch, load_model
+from caploc import load_model
 from caploc.ablation import head_ablation, heads_to_mask
 from caploc.evaluator import Evaluator
 from caploc.components import Head

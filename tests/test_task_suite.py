@@ -9,7 +9,6 @@ import pytest
 
 from caploc import CaplocError, wrap_model
 from caploc.evaluator import Evaluator
-from caploc.sandbox import run_python
 from caploc.tasks import GENERAL_TASKS, TASKS, get_task
 from caploc.tasks.rhyme import EASY, HARD, first_word, is_rhyme, rhyming_parts
 from caploc.tasks.swear import EVALUATION_PROMPTS, IDENTIFICATION_PROMPTS, count_profanity, profanity_words

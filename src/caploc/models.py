@@ -41,7 +41,7 @@ class LoadedModel:
     def describe(self) -> dict:
         return {"spec": self.spec, "source": self.source, "fingerprint": self.fingerprint,
                 "architecture": self.model.config.model_type, "dtype": str(self.dtype).replace("torch.", ""),
-                **self.layout.describe()}
+                "device": str(next(self.model.parameters()).device), **self.layout.describe()}
 
 
 def native_bf16(device: str | torch.device = "cpu") -> bool:
@@ -59,6 +59,40 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
     except OSError:  # not Linux: no reliable check, stay exact
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """`auto`: CUDA when available, else MPS, else the CPU; a device that is not there is a ParameterError."""
+    if isinstance(device, torch.device):
+        return device
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        chosen = torch.device(name)
+    except RuntimeError:
+        raise ParameterError(f"unknown {{device}} {device!r}: choose one of {', '.join(DEVICES)}", "device") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ParameterError(f"{{device}} {device} is not available here: this torch sees no CUDA GPU "
+                                 f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use "
+                                 "cpu or auto", "device")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise ParameterError(f"{{device}} {device} is not available here: {torch.cuda.device_count()} CUDA "
+                                 "device(s)", "device")
+    elif chosen.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ParameterError(f"{{device}} {device} is not available here (no Apple GPU)", "device")
+    elif chosen.type != "cpu":
+        raise ParameterError(f"unknown {{device}} {device!r}: choose one of {', '.join(DEVICES)}", "device")
+    return chosen
 
 
 def resolve_dtype(dtype, device: str | torch.device = "cpu") -> torch.dtype:
@@ -122,7 +156,7 @@ def _quiet_transformers():
     warnings.filterwarnings("ignore", module="transformers")
 
 
-def _load_gguf(path: Path, dtype: torch.dtype):
+def _load_gguf(path: Path, dtype: torch.dtype, place: dict):
     """Dequantize a GGUF once into CAPLOC_CACHE as safetensors, then load that (about a second)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -144,7 +178,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
         # another process may have finished the same cache entry first: keep its copy
         atomic_write(target, save, keep_existing=True)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, **place)
     tokenizer = AutoTokenizer.from_pretrained(target)
     return model, tokenizer, f"gguf:{_file_digest(path)}"
 
@@ -160,25 +194,28 @@ def _weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype="auto", device: str | None = None) -> LoadedModel:
+def load_model(spec: str = DEFAULT_MODEL, dtype="auto", device: str | None = "auto") -> LoadedModel:
     """Load a causal LM by alias (`smollm2-135m`, `gemma3-270m`), `.gguf` path, local dir or HF hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-    torch_dtype = resolve_dtype(dtype, device or "cpu")
+    target_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target_device)
+    # weights load straight onto an accelerator, with no CPU copy first; on the CPU, the plain path
+    place = {} if target_device.type == "cpu" else {"device_map": str(target_device)}
     path = Path(spec).expanduser()
     if spec in EMBEDDED:
         gguf = EMBEDDED[spec]()
-        model, tokenizer, fp = _load_gguf(gguf, torch_dtype)
+        model, tokenizer, fp = _load_gguf(gguf, torch_dtype, place)
         source = str(gguf)
     elif spec.lower().endswith(".gguf"):
         if not path.is_file():
             raise CaplocError(f"GGUF file not found: {spec}")
-        model, tokenizer, fp = _load_gguf(path, torch_dtype)
+        model, tokenizer, fp = _load_gguf(path, torch_dtype, place)
         source = str(path.resolve())
     elif path.is_dir():
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **place)
             tokenizer = AutoTokenizer.from_pretrained(path)
         except Exception as exc:
             raise CaplocError(f"cannot load model from directory {spec}: {str(exc).splitlines()[0]}") from exc
@@ -189,12 +226,10 @@ def load_model(spec: str = DEFAULT_MODEL, dtype="auto", device: str | None = Non
                 f"unknown model {spec!r}: use {' or '.join(EMBEDDED)}, a local model directory, "
                 "a .gguf file, or a Hugging Face hub id (org/name)"
             )
-        model, tokenizer = _load_from_hub(spec, torch_dtype)
+        model, tokenizer = _load_from_hub(spec, torch_dtype, place)
         source, fp = spec, None
     layout = arch.head_layout(model)  # raises for unsupported architectures
     model.eval()
-    if device:
-        model.to(device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, spec=spec, source=source,
@@ -216,7 +251,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_from_hub(spec: str, dtype: torch.dtype):
+def _load_from_hub(spec: str, dtype: torch.dtype, place: dict):
     """The local HF cache first; the network only when it answers (no minute of retries offline)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -226,7 +261,7 @@ def _load_from_hub(spec: str, dtype: torch.dtype):
             raise CaplocError(f"unknown model {spec!r}: not an alias ({', '.join(EMBEDDED)}), local directory or "
                               ".gguf file, not in the local HF cache, and the Hugging Face hub is unreachable")
         try:
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=local_only)
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=local_only, **place)
             tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=local_only)
             return model, tokenizer
         except Exception as exc:

@@ -16,6 +16,8 @@ RunModel = Annotated[Optional[str], typer.Option("--model", "-m", help="model (d
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (default: bfloat16 where the hardware runs it natively "
                                                     "- CUDA, CPUs with AVX512-BF16 or AMX - else float32), float32 "
                                                     "(exact) or bfloat16")]
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available, else MPS, else CPU), cpu, cuda, "
+                                                      "cuda:N or mps")]
 Task = Annotated[str, typer.Option("--task", "-t", help="task name (arithmetic, gsm8k, humaneval, mbpp, swear, "
                                                         "rhyme, hellaswag, arc_challenge, boolq, mmlu, wmdp_bio, "
                                                         "wmdp_chem, wmdp_cyber, general) or your own JSONL file")]

@@ -33,8 +33,8 @@ class TaskOptions:
         return {k: v for k, v in self.given().items() if k != "allow_code_execution"}
 
 
-def resolve_model(model: str | LoadedModel, dtype: str = "auto") -> LoadedModel:
-    return model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype)
+def resolve_model(model: str | LoadedModel, dtype: str = "auto", device: str = "auto") -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
 
 
 def resolve_task(task: str | Task, options: TaskOptions | None = None) -> Task:

@@ -19,11 +19,11 @@ from caploc.tasks.base import Task
 def evaluate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithmetic", n: int = 100, seed: int = 0,
              ablate: str | list[str] | None = None, *, subtask: str | None = None, shots: int | None = None,
              data: str | None = None, fewshot_data: str | None = None, chat: bool | None = None,
-             allow_code_execution: bool | None = None, dtype: str = "auto", mode: str = "zero",
+             allow_code_execution: bool | None = None, dtype: str = "auto", device: str = "auto", mode: str = "zero",
              max_new_tokens: int | None = None, progress: bool = False,
              json_path: str | Path | None = None) -> EvaluateResult:
     """Baseline and ablated scores of a task, with bootstrap 95% intervals and the paired relative drop."""
-    lm = resolve_model(model, dtype)
+    lm = resolve_model(model, dtype, device)
     task_obj = resolve_task(task, TaskOptions(subtask, shots, data, fewshot_data, chat, allow_code_execution))
     heads = lm.layout.parse_list(ablate)
     items = task_obj.items(n, seed)
@@ -43,13 +43,13 @@ def evaluate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arith
     return result
 
 
-def heads(model: str | LoadedModel = DEFAULT_MODEL, dtype: str = "auto", scores: str | None = None,
+def heads(model: str | LoadedModel = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto", scores: str | None = None,
           seed: int = 0) -> HeadsResult:
     """The model's layers, heads and KV groups; with `scores="induction"` also each head's prefix-matching
     score (`prefix_matching_scores`)."""
     require(scores in (None, *HEAD_SCORES), f"unknown {{scores}} {scores!r}: choose {', '.join(HEAD_SCORES)}",
             "scores")
-    lm = resolve_model(model, dtype)
+    lm = resolve_model(model, dtype, device)
     layout = lm.layout
     rows = [{"head": str(h), "layer": h.layer, "index": layout.index(h), "kv_group": layout.kv_group(h)}
             for h in layout.all_heads()]

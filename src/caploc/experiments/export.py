@@ -16,7 +16,7 @@ PROVENANCE = "caploc_export.json"
 
 
 def export(model: str | LoadedModel | None = None, ablate: str | list[str] | None = None, out: str | Path = "",
-           *, from_run: str | Path | None = None, k: int | None = None, dtype: str = "auto") -> ExportResult:
+           *, from_run: str | Path | None = None, k: int | None = None, dtype: str = "auto", device: str = "auto") -> ExportResult:
     """Write `out` (safetensors + config + tokenizer) with the heads' output-projection columns zeroed.
     The heads come from `ablate`, or the top-k of a locate run (`from_run`); the model is the run's when
     not given. The columns are zeroed in place only while saving and restored afterwards (no second copy of
@@ -32,7 +32,7 @@ def export(model: str | LoadedModel | None = None, ablate: str | list[str] | Non
     target = Path(out)
     require(not (target.exists() and any(target.iterdir())),
             f"{target} exists and is not empty: choose a new directory for {{out}}", "out")
-    lm = resolve_model(model or DEFAULT_MODEL, dtype)
+    lm = resolve_model(model or DEFAULT_MODEL, dtype, device)
     heads = lm.layout.parse_list(ablate)
     require(bool(heads), "no heads to remove ({ablate})", "ablate")
     model = lm.model

@@ -61,7 +61,7 @@ def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithme
            alpha="cv", metric: str | None = None, n_validate: int | None = None, bootstrap: int = DEFAULT_BOOTSTRAP,
            seeds: list[int] | None = None, subtask: str | None = None,
            shots: int | None = None, data: str | None = None, fewshot_data: str | None = None,
-           chat: bool | None = None, allow_code_execution: bool | None = None, dtype: str = "auto",
+           chat: bool | None = None, allow_code_execution: bool | None = None, dtype: str = "auto", device: str = "auto",
            mode: str = "zero", max_new_tokens: int | None = None, exclude: str | list[str] | None = None,
            exclude_universal: str | Path | None = None, store: str | Path | EvalStore | None = None,
            out: str | Path | None = None, progress: bool = False) -> LocateResult:
@@ -80,7 +80,7 @@ def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithme
     if seeds:
         return _locate_seeds(locals())
     started = time.perf_counter()
-    lm = resolve_model(model, dtype)
+    lm = resolve_model(model, dtype, device)
     options = TaskOptions(subtask, shots, data, fewshot_data, chat, allow_code_execution)
     task_obj = resolve_task(task, options)
     control_tasks = _control_tasks(control)
@@ -169,7 +169,7 @@ def _locate_seeds(arguments: dict) -> LocateResult:
     arguments = dict(arguments)
     seeds = [int(s) for s in arguments.pop("seeds")]
     # one model and one store for every seed
-    arguments["model"] = resolve_model(arguments["model"], arguments["dtype"])
+    arguments["model"] = resolve_model(arguments["model"], arguments["dtype"], arguments["device"])
     arguments["store"] = open_store(arguments["store"])
     out = arguments.pop("out")
     runs = []

@@ -143,7 +143,7 @@ class ResampledObjective(Objective):
     independently), answered from the scores the original run stored; a mask it never evaluated raises
     NotEvaluated."""
 
-    def __init__(self, source: Objective, rng: np.random.Generator):  # noqa: no super(): it would evaluate
+    def __init__(self, source: Objective, rng: np.random.Generator):  # no super().__init__: it would evaluate
         self.__dict__.update(source.__dict__)
         self.source = source
         self.requested = 0
