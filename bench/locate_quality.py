@@ -43,7 +43,7 @@ def main():
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--tasks", default="arithmetic,induction,ioi")
-    parser.add_argument("--methods", default="greedy,1s-greedy,csb,css,atp,refine")
+    parser.add_argument("--methods", default="refine,csb,css,atp,1s-greedy,greedy")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--greedy-seeds", default="0", help="iterative greedy is the costliest reference")
     parser.add_argument("--n", type=int, default=20, help="identification items")
@@ -104,6 +104,8 @@ def main():
                       f"general drop {100 * general_drop['drop']:.1f} pts, {runs[-1]['tokens']} tokens, "
                       f"{runs[-1]['seconds']} s", flush=True)
             per_config[label] = runs
+            raw[task_name] = per_config
+            write(args.json, rows, raw, vars(args), prefix_top10)  # a killed run keeps what it measured
         raw[task_name] = per_config
         greedy = per_config.get("greedy")
         for label, runs in per_config.items():

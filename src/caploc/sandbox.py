@@ -159,14 +159,20 @@ def _interpreter(unprivileged: bool) -> str:
                       "ordinary user)")
 
 
-def _enter_namespaces(ids: tuple[int, int] | None) -> None:
-    """In the child, between fork and exec: drop to the unprivileged ids (as root), then new user, mount,
-    network, IPC, UTS and PID namespaces, with uid 0 inside mapped to our own uid outside."""
+def _drop_only(ids: tuple[int, int] | None) -> None:
+    """Before bubblewrap: its own session, and as root the unprivileged ids (bubblewrap then makes
+    unprivileged namespaces)."""
     os.setsid()
     if ids:
         os.setgroups([])
         os.setgid(ids[1])
         os.setuid(ids[0])
+
+
+def _enter_namespaces(ids: tuple[int, int] | None) -> None:
+    """In the child, between fork and exec: drop to the unprivileged ids (as root), then new user, mount,
+    network, IPC, UTS and PID namespaces, with uid 0 inside mapped to our own uid outside."""
+    _drop_only(ids)
     uid, gid = os.getuid(), os.getgid()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # changing uid cleared it: /proc/self/*_map would stay root's
@@ -177,16 +183,6 @@ def _enter_namespaces(ids: tuple[int, int] | None) -> None:
                        ("/proc/self/gid_map", f"0 {gid} 1")):
         with open(path, "w") as f:
             f.write(text)
-
-
-def _drop_only(ids: tuple[int, int] | None) -> None:
-    """Before bubblewrap: its own session, and as root the unprivileged ids (bubblewrap then makes
-    unprivileged namespaces)."""
-    os.setsid()
-    if ids:
-        os.setgroups([])
-        os.setgid(ids[1])
-        os.setuid(ids[0])
 
 
 def _bwrap_command(workdir: Path) -> list[str]:

@@ -3,12 +3,12 @@ are zero. Plain `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from caploc.errors import ParameterError, require
 from caploc.experiments.context import resolve_model
 from caploc.experiments.results import ExportResult, LocateResult
+from caploc.files import write_json
 from caploc.models import DEFAULT_MODEL, LoadedModel
 from caploc.sites import head_site
 
@@ -52,5 +52,5 @@ def export(model: str | LoadedModel | None = None, ablate: str | list[str] | Non
     provenance = {"source_model": lm.describe(), "removed_heads": [str(h) for h in heads],
                   "edit": "output-projection input columns of each head set to zero (o_proj / c_proj / dense)",
                   "from_run": str(run.path) if run else None}
-    (target / PROVENANCE).write_text(json.dumps(provenance, indent=2))
+    write_json(target / PROVENANCE, provenance)
     return ExportResult(out=str(target), removed_heads=provenance["removed_heads"], model=lm.describe())

@@ -18,6 +18,7 @@ import numpy as np
 from caploc.components import Head
 from caploc.errors import CaplocError
 from caploc.experiments.results import LocateResult, ReportResult, SpecificityResult, UniversalResult
+from caploc.files import atomic_write
 from caploc.tasks import GENERAL_TASKS
 
 HEATMAP, CURVE, SPECIFICITY_PNG, PAGE = "heatmap.png", "drop_curve.png", "specificity.png", "report.html"
@@ -303,7 +304,7 @@ def report(run_dir: str | Path, out: str | Path | None = None, universal_path: s
             f"{html.escape(run['task']['task'])}</title><style>{style}</style></head><body>"
             + "\n".join(sections) + "</body></html>")
     page_path = target / PAGE
-    page_path.write_text(page, encoding="utf-8")
+    atomic_write(page_path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     if open_browser:
         webbrowser.open(page_path.resolve().as_uri())
     return ReportResult(html=str(page_path), figures={k: str(v) for k, v in figures.items()},
