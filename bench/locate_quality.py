@@ -2,8 +2,9 @@
 
 For each task (arithmetic 2D+, induction, ioi), seed and method, `caploc.locate` identifies the top-k heads;
 the benchmark then reports, per task and method:
-- model tokens relative to iterative greedy's (identification and control-identification passes, a backward
-  pass counted as two forwards);
+- model tokens relative to iterative greedy's: masks requested x tokens per mask (identification and
+  control-identification items, shared prefixes once), plus three passes for a gradient screen; a logical
+  cost, the same whether or not the store already held the masks;
 - held-out target drop (the identification metric, all k heads ablated) as % of greedy's;
 - held-out `general` accuracy drop (points) of the same heads, on general items no method saw;
 - cross-seed top-k overlap (mean over seed pairs) and the mean bootstrap selection frequency of the top-k;
@@ -65,6 +66,7 @@ def main():
     general_items = general.items(args.n_general, seed=0, offset=200)  # beyond every control set used
     general_eval = Evaluator(lm, general, general_items, store=store)
     general_base = general_eval.baseline().scores["acc"][0]
+    general_base_lp = general_eval.baseline().scores["logprob"][0]
     configs = []
     for name in args.methods.split(","):
         if name == "refine":
@@ -92,12 +94,24 @@ def main():
                 top = run.top_heads(args.k)
                 general_scores = general_eval.evaluate([[lm.layout.index(lm.layout.parse(h)) for h in top]])
                 general_drop = paired_drop(general_base, general_scores.scores["acc"][0])
+                # accuracy can hide damage (every choice's likelihood collapses alike): the answer's
+                # log-probability shows it
+                general_lp = paired_drop(general_base_lp, general_scores.scores["logprob"][0])
                 metric = run.metric
-                runs.append({"seed": seed, "top": top, "tokens": run.budget["method_model_tokens"],
+                # logical cost, independent of what the store already held: masks x tokens per mask (target
+                # and control items), plus three passes for a gradient screen (forward + backward)
+                per_mask = run.budget["tokens_per_evaluation"] or 0
+                gradient = 3 * per_mask if "atp" in (config["method"], config.get("screen", "atp")) \
+                    and config["method"] in ("atp", "refine") else 0
+                runs.append({"seed": seed, "top": top, "tokens": run.budget["evaluations"] * per_mask + gradient,
+                             "computed_tokens": run.budget["method_model_tokens"],
+                             "evaluations": run.budget["evaluations"], "tokens_per_evaluation": per_mask,
                              "target_drop": run.validation[metric][-1]["drop"],
                              "target_baseline": run.validation[metric][-1]["baseline"],
                              "general_drop": general_drop["drop"], "general_drop_low": general_drop["drop_low"],
                              "general_drop_high": general_drop["drop_high"],
+                             "general_logprob_drop": general_lp["drop"],
+                             "general_logprob_relative_drop": general_lp["relative_drop"],
                              "frequency": run.stability.get("top_k_mean_frequency"),
                              "seconds": round(time.perf_counter() - started, 1)})
                 print(f"{task_name} {label} seed {seed}: {top} target drop {runs[-1]['target_drop']:.3f} "
