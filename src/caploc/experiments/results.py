@@ -62,11 +62,11 @@ class Result(Mapping):
         missing = [k for k in cls.required if k not in data]
         if missing:
             raise CaplocError(f"{source} is not a caploc {cls.command} result (no {missing[0]!r})")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in data.items() if k in names}
-        extra = {k: v for k, v in data.items() if k not in names}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in data.items() if k in fields - {"extra"}}
+        extra = {k: v for k, v in data.items() if k not in fields}
         try:
-            result = cls(**known, **({"extra": extra} if "extra" in {f.name for f in dataclasses.fields(cls)} else {}))
+            result = cls(**known, **({"extra": extra} if "extra" in fields else {}))
         except TypeError as exc:  # a required field is absent
             raise CaplocError(f"{source} is not a complete caploc {cls.command} result: {exc}") from None
         return result
