@@ -5,7 +5,9 @@
     the evaluator's compute-only rate is printed too, which isolates the hook overhead)
 (b) masked evaluator over M different masks  /  seed-code style on the same work: one mask per pass,
     batch size 1, the model reloaded for every ablation (timed on a few masks, scaled to M).
-(c) masks/s for a CS batch (random 5-head masks) and for a single-head sweep (one head per mask).
+(c) masks/s for a CS batch (random 5-head masks) and for a single-head sweep (one head per mask, a sample
+    spread evenly over the layers), each also the copying way (no shared-prefix attention, no layer reuse:
+    the evaluator as it was before `evaluator.partial`) in the same run.
 (d) generation under masks: rows/s of the evaluator (shared few-shot prefix, rows leave the batch when
     they finish)  /  rows/s of plain `generate()` on the same prompts (2-shot GSM8K-style fixture items).
 (e) the roofline, measured in the same run: a timed matmul in the model's dtype, x the model's
@@ -24,6 +26,7 @@ import torch
 
 from caploc import load_model
 from caploc.evaluator import Evaluator
+from caploc.evaluator.partial import Support
 from caploc.sites import head_site
 from caploc.tasks import get_task
 
@@ -85,6 +88,16 @@ def plain_forward_rate(model, sequences, rows_per_pass, passes, pad_id):
     return tokens / (time.perf_counter() - start)
 
 
+def masks_per_second(lm, task, items, masks) -> float:
+    """A fresh evaluator over `masks`, timed after its baseline (which also computes the one-off unablated
+    states that layer reuse starts from, as every method's first call does)."""
+    evaluator = Evaluator(lm, task, items)
+    evaluator.baseline()
+    start = time.perf_counter()
+    evaluator.evaluate(masks)
+    return len(masks) / (time.perf_counter() - start)
+
+
 def seed_style_seconds_per_mask(spec, dtype, task, items, heads_per_mask, masks):
     """The reference implementation's loop: reload, ablate by weights, one item at a time, batch size 1."""
     times = []
@@ -113,7 +126,8 @@ def main():
     parser.add_argument("--heads-per-mask", type=int, default=5)
     parser.add_argument("--seed-style-masks", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--sweep-masks", type=int, default=60, help="single-head masks timed (of 270)")
+    parser.add_argument("--sweep-masks", type=int, default=60, help="single-head masks timed (of 270), spread "
+                        "evenly over the layers")
     parser.add_argument("--gen-items", type=int, default=6)
     parser.add_argument("--gen-tokens", type=int, default=64)
     args = parser.parse_args()
@@ -139,12 +153,14 @@ def main():
     plain_rate = plain_forward_rate(lm.model, sequences, rows_per_pass=len(sequences), passes=4,
                                     pad_id=lm.tokenizer.pad_token_id)
     evaluator_per_mask = eval_seconds / (args.masks - 1)
-    sweep_masks = np.eye(lm.layout.n_total, dtype=bool)[: args.sweep_masks]
-    sweep = Evaluator(lm, task, items)
-    sweep.baseline()
-    start = time.perf_counter()
-    sweep.evaluate(sweep_masks)
-    sweep_rate = len(sweep_masks) / (time.perf_counter() - start)
+    chosen = np.linspace(0, lm.layout.n_total - 1, args.sweep_masks).round().astype(int)
+    sweep_masks = np.eye(lm.layout.n_total, dtype=bool)[chosen]
+    sweep_rate = masks_per_second(lm, task, items, sweep_masks)
+    support = lm.extra["partial_forward"]
+    lm.extra["partial_forward"] = Support(False, False, "the copying way, for comparison")
+    copying_sweep_rate = masks_per_second(lm, task, items, sweep_masks)
+    copying_cs_rate = masks_per_second(lm, task, items, masks[1:])
+    lm.extra["partial_forward"] = support
     gen_ours, gen_plain = generation_rates(lm, args.gen_items, args.gen_tokens)
     flops = matmul_flops(lm.dtype)
     params = sum(p.numel() for n, p in lm.model.named_parameters() if "embed" not in n and "lm_head" not in n)
@@ -163,8 +179,11 @@ def main():
           f"(timed on {args.seed_style_masks} masks)")
     print(f"(b) {args.masks} masks, evaluator vs seed-code style: {seed_per_mask / evaluator_per_mask:6.1f}x  "
           f"(goal >= 20x)")
-    print(f"(c) masks/s: CS batch ({args.heads_per_mask}-head masks) {1 / evaluator_per_mask:.2f}, single-head sweep "
-          f"{sweep_rate:.2f} (a 270-mask sweep: {lm.layout.n_total / sweep_rate / 60:.1f} min)")
+    print(f"(c) masks/s: CS batch ({args.heads_per_mask}-head masks) {1 / evaluator_per_mask:.2f} "
+          f"(copying way {copying_cs_rate:.2f}: {1 / evaluator_per_mask / copying_cs_rate:.2f}x), single-head sweep "
+          f"{sweep_rate:.2f} (copying way {copying_sweep_rate:.2f}: {sweep_rate / copying_sweep_rate:.2f}x; "
+          f"a {lm.layout.n_total}-mask sweep: {lm.layout.n_total / sweep_rate / 60:.1f} min)")
+    print(f"    partial forward on this model: {support}")
     print(f"(d) generation rows/s: evaluator {gen_ours:.2f}, plain generate() {gen_plain:.2f}: "
           f"{gen_ours / gen_plain:.2f}x  (goal >= 0.8x)")
     print(f"(e) roofline: matmul {flops / 1e9:.0f} GFLOP/s in {str(lm.dtype).replace('torch.', '')} -> "

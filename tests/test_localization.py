@@ -189,6 +189,21 @@ def test_locate_with_control_seeds_and_stability(planted, tmp_path):
     assert plain.control["tasks"] == [] and plain.head_effects["control"] is None and plain.stability == {}
 
 
+def test_the_budget_counts_the_tokens_the_gradient_screen_runs(planted):
+    """Gradients are never stored, and every gradient row carries its whole prompt (no shared prefix): the
+    budget says so, three passes (forward + backward) per row per gradient point."""
+    from caploc.evaluator.requests import Requests
+
+    lm, task = planted
+    run = locate(lm, task, "refine", k=2, n=6, n_validate=3, control="general", n_control=3, bootstrap=0)
+    rows = 0
+    for t, n in ((task, 6), (get_task("general"), 3)):
+        requests = Requests(lm.tokenizer, t, t.items(n, 0))
+        rows += sum(len(s.prefix) + len(s.context) + len(s.continuation) for s in requests.sequences)
+    assert run.details["gradient_points"] == 2
+    assert run.budget["gradient_model_tokens"] == 3 * 2 * rows
+
+
 def test_induction_and_ioi_items_are_seeded_and_well_formed():
     induction = get_task("induction")
     items = induction.items(20, seed=3)

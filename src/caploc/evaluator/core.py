@@ -175,6 +175,8 @@ class Evaluator:
         from tqdm.auto import tqdm
 
         groups = list(todo.values())
+        if not self.requests.generation:  # chunks of masks that start at the same layer skip the most
+            groups.sort(key=lambda rows: self.runner.first_layer(mask[rows[0]]))
         per_pass = self.runner.masks_per_pass(self.requests)
         workers = self.lm.extra.get("workers")  # a distributed pool (evaluator.distributed) shards the chunks
         if workers is not None:  # enough chunks to keep every worker busy

@@ -149,10 +149,12 @@ class Requests:
             groups.setdefault(seq.prefix, []).append(s)
         return groups
 
-    def row_tokens(self, members) -> int:
-        """Tokens a row holds in memory: its suffix plus the prefix KV cache it attends to."""
+    def row_tokens(self, members, shared_prefix: bool = False) -> int:
+        """Tokens a row holds in memory: its suffix, plus the prefix KV cache it attends to unless the
+        prefix is shared by the rows without copies."""
         seqs = self._need_sequences()
-        return max(len(seqs[s].prefix) + len(seqs[s].context) + len(seqs[s].continuation) for s in members)
+        return max((0 if shared_prefix else len(seqs[s].prefix)) + len(seqs[s].context) + len(seqs[s].continuation)
+                   for s in members)
 
     def per_item(self, values: np.ndarray) -> list[np.ndarray]:
         """[n_masks, n_sequences] -> per item, [n_masks, n_continuations of the item]."""

@@ -2,23 +2,27 @@
 
 Rows of a forward pass are (mask, sequence) pairs, mask-major. For log-likelihood tasks, one teacher-forced
 pass per row decides greedy exact match and gives the continuation's log-probability. The few-shot prefix
-shared by a group of items is run once per mask and its KV cache reused for all of that mask's items.
-Suffixes are RIGHT padded and run without an attention mask: for a causal model the real tokens never see
-the pads, so every row is exact and its layout (positions, padding) is the same under every mask, baseline
-included (DESIGN.md section 4). Generation uses `generate()` with left padding; all masks of an item chunk
-share one layout.
+shared by a group of items is run once per mask, and every row of that mask attends to its K/V without a
+copy (`partial`); rows whose masks leave the first layers alone start at the first ablated layer from the
+unablated hidden states, computed once per evaluator. Suffixes are RIGHT padded and run without an
+attention mask: for a causal model the real tokens never see the pads, so every row is exact and its
+layout (positions, padding) is the same under every mask, baseline included (DESIGN.md section 4).
+Generation runs caploc's own greedy loop with left padding; all masks of an item chunk share one layout.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 
 from caploc.ablation import ComponentAblation
 from caploc.evaluator.batches import pad_batch
+from caploc.evaluator.partial import Support, partial_forward, support
 from caploc.evaluator.requests import Requests
 from caploc.models import LoadedModel
 
@@ -29,16 +33,36 @@ GENERATE_ROWS = 64  # rows per generate() call: bounded by the KV cache of long 
 class EvalStats:
     evaluations: int = 0  # masks computed by the model (not read from the store)
     reused: int = 0  # masks answered from the persistent store (not this evaluator's own memory)
-    tokens: int = 0  # tokens run through the model
+    tokens: int = 0  # tokens run through the model (rows that start at a later layer count that share)
+    gradient_tokens: int = 0  # of which for gradients: a forward + backward counts as three passes
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
         return {"evaluations": self.evaluations, "reused": self.reused, "tokens": self.tokens,
-                "seconds": round(self.seconds, 3)}
+                "gradient_tokens": self.gradient_tokens, "seconds": round(self.seconds, 3)}
 
 
 CPU_BATCH_TOKENS = 8192  # on CPUs the batch is bounded by cache-friendly sizes, not memory
 MAX_BATCH_TOKENS = 1 << 18
+LAYER_REUSE_BYTES = 1 << 30  # unablated hidden states an evaluator keeps for layer reuse; above this, none
+
+
+@dataclass
+class _Unablated:
+    """The unablated model's hidden states entering every decoder layer, for one prefix group: where rows
+    whose masks leave the first layers alone start."""
+
+    prefix: list[torch.Tensor] | None  # per layer [1, P, hidden]
+    sequences: dict[int, torch.Tensor]  # sequence -> [n_layers, its input length, hidden]
+
+    def rows(self, chunk: list[int], width: int, layer: int) -> torch.Tensor:
+        """[len(chunk), width, hidden] entering `layer`, right-padded with zeros (pads are never attended)."""
+        first = self.sequences[chunk[0]]
+        out = first.new_zeros(len(chunk), width, first.shape[-1])
+        for r, s in enumerate(chunk):
+            states = self.sequences[s][layer]
+            out[r, :states.shape[0]] = states
+        return out
 
 
 def tokens_for_memory(free_bytes: int, config, dtype: torch.dtype) -> int:
@@ -77,6 +101,24 @@ class Runner:
         self.batch_tokens = batch_tokens or default_batch_tokens(lm)
         self.scale = float(scale)
         self.device = next(lm.model.parameters()).device
+        self._unablated: dict[tuple[int, ...], _Unablated | None] = {}
+
+    @cached_property
+    def partial(self) -> Support:
+        """What this model's forward can skip: copies of a shared prefix, layers before the first ablated."""
+        return support(self.lm)
+
+    def first_layer(self, mask: torch.Tensor) -> int:
+        """The first decoder layer that any row of `mask` ([n_total] or [rows, n_total]) touches; the last
+        layer for no ablation (rows must still run one layer to be scored)."""
+        site = self.ablation.site
+        touched = torch.nonzero(mask.reshape(-1, site.n_total).any(0))
+        return int(touched.min()) // site.n_units if len(touched) else site.n_layers - 1
+
+    def _layer_share(self, tokens: int, start: int) -> int:
+        """Tokens counted for rows that run only the layers from `start` on."""
+        n_layers = self.ablation.site.n_layers
+        return tokens * (n_layers - start) // n_layers
 
     def _applied(self, mask: torch.Tensor):
         """Masked components are zeroed (scale 0) or multiplied by `scale` in the rows of `mask`."""
@@ -89,6 +131,10 @@ class Runner:
         if requests.generation:  # rows = masks x items; keep about GENERATE_ROWS rows per call
             return max(1, GENERATE_ROWS // min(len(requests.items), GENERATE_ROWS))
         n_seq = len(requests.sequences)
+        if self.partial.shared_prefix:  # a mask costs its prefixes once and its rows' own tokens
+            prefixes = {seq.prefix for seq in requests.sequences}
+            per_mask = sum(map(len, prefixes)) + n_seq * requests.row_tokens(range(n_seq), shared_prefix=True)
+            return max(1, min(64, self.batch_tokens // per_mask))
         rows = max(1, self.batch_tokens // requests.row_tokens(range(n_seq)))
         return max(1, min(64, rows // max(1, min(n_seq, rows))))
 
@@ -111,11 +157,17 @@ class Runner:
                 seq_greedy[:, members] = greedy
             groups = {p: m for p, m in groups.items() if not p}
         for prefix, members in groups.items():
-            prefix_cache = self._run_prefix(prefix, mask_dev) if prefix else None
-            per_chunk = max(1, self.batch_tokens // (requests.row_tokens(members) * n_masks))
-            for start in range(0, len(members), per_chunk):
-                chunk = members[start:start + per_chunk]
-                logprob, greedy = self._score_chunk(requests, chunk, len(prefix), prefix_cache, mask_dev)
+            start, unablated = 0, None
+            if self.partial.layer_reuse and self.first_layer(mask) > 0:
+                unablated = self._unablated_states(requests, prefix, members)
+                start = self.first_layer(mask) if unablated is not None else 0
+            prefix_cache = self._run_prefix(prefix, mask_dev, start, unablated) if prefix else None
+            row_tokens = requests.row_tokens(members, shared_prefix=self.partial.shared_prefix)
+            per_chunk = max(1, self.batch_tokens // (row_tokens * n_masks))
+            for first in range(0, len(members), per_chunk):
+                chunk = members[first:first + per_chunk]
+                logprob, greedy = self._score_chunk(requests, chunk, len(prefix), prefix_cache, mask_dev, start,
+                                                    unablated)
                 seq_logprob[:, chunk] = logprob
                 seq_greedy[:, chunk] = greedy
         return seq_logprob, seq_greedy
@@ -148,27 +200,72 @@ class Runner:
             chunk = mask[m0:m0 + per_call]
             c = chunk.shape[0]
             with self._applied(chunk.repeat_interleave(n_groups, dim=0)):  # mask-major rows
-                cache = self.lm.model(input_ids=pre_ids.repeat(c, 1), attention_mask=pre_real.repeat(c, 1),
-                                      position_ids=pre_positions.repeat(c, 1), use_cache=True,
-                                      logits_to_keep=1).past_key_values
+                cache = _returned_cache(self.lm.model(
+                    input_ids=pre_ids.repeat(c, 1), attention_mask=pre_real.repeat(c, 1),
+                    position_ids=pre_positions.repeat(c, 1), use_cache=True, logits_to_keep=1))
             cache.batch_select_indices((torch.arange(c, device=self.device)[:, None] * n_groups
                                         + group_of[None]).reshape(-1))
             with self._applied(chunk.repeat_interleave(n_seq, dim=0)):
                 logits = self.lm.model(input_ids=suf_ids.repeat(c, 1), attention_mask=attention.repeat(c, 1),
-                                       position_ids=positions.repeat(c, 1), past_key_values=cache, use_cache=True,
-                                       logits_to_keep=keep).logits
+                                       position_ids=positions.repeat(c, 1), use_cache=True, logits_to_keep=keep,
+                                       **_cache_argument(self.lm.model, cache)).logits
             self.stats.tokens += int(pre_real.sum()) * c + sum(len(x) for x in inputs) * c
             total[m0:m0 + c], greedy[m0:m0 + c] = _gather(logits, seqs, starts, ends, lo, c, self.device)
         return total, greedy
 
-    def _run_prefix(self, prefix: tuple[int, ...], mask: torch.Tensor):
+    def _run_prefix(self, prefix: tuple[int, ...], mask: torch.Tensor, start: int = 0,
+                    unablated: _Unablated | None = None):
+        """The prefix under every mask: its K/V per layer (from layer `start` on), or a KV cache where the
+        model cannot attend to a shared prefix without copies."""
         ids = torch.tensor([prefix], device=self.device).expand(mask.shape[0], -1)
-        with self._applied(mask):
-            out = self.lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        self.stats.tokens += ids.numel()
-        return out.past_key_values
+        self.stats.tokens += self._layer_share(ids.numel(), start)
+        if not self.partial.shared_prefix:
+            with self._applied(mask):
+                return _returned_cache(self.lm.model(input_ids=ids, use_cache=True, logits_to_keep=1))
+        kv: dict = {}
+        start_inputs = unablated.prefix[start].repeat(mask.shape[0], 1, 1) if start else None
+        with partial_forward(self.lm.model, start=start, start_inputs=start_inputs, capture=kv), \
+                self._applied(mask):
+            self.lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        return kv
 
-    def _score_chunk(self, requests: Requests, chunk, prefix_len, prefix_cache, mask):
+    @torch.no_grad()
+    def _unablated_states(self, requests: Requests, prefix: tuple[int, ...], members: list[int]):
+        """The unablated hidden states entering every layer for this prefix group (computed once per
+        evaluator), or None when they would take more than LAYER_REUSE_BYTES."""
+        if prefix in self._unablated:
+            return self._unablated[prefix]
+        model, config = self.lm.model, self.lm.model.config
+        inputs = {s: requests.sequences[s].context + requests.sequences[s].continuation[:-1] for s in members}
+        size = (self.ablation.site.n_layers * getattr(config, "hidden_size", 0)
+                * next(model.parameters()).dtype.itemsize
+                * (len(prefix) + sum(len(x) for x in inputs.values())))
+        if size > LAYER_REUSE_BYTES:
+            self._unablated[prefix] = None
+            return None
+        prefix_inputs, prefix_kv = None, None
+        if prefix:
+            prefix_inputs, prefix_kv = [], {}
+            with partial_forward(model, capture=prefix_kv, layer_inputs=prefix_inputs):
+                model(input_ids=torch.tensor([prefix], device=self.device), use_cache=False, logits_to_keep=1)
+        sequences = {}
+        per_chunk = max(1, self.batch_tokens // requests.row_tokens(members))
+        for first in range(0, len(members), per_chunk):
+            chunk = members[first:first + per_chunk]
+            ids, _ = pad_batch([inputs[s] for s in chunk], self.lm.tokenizer.pad_token_id, device=self.device)
+            positions = (torch.arange(ids.shape[1], device=self.device) + len(prefix))[None].expand(len(chunk), -1)
+            layer_inputs: list = []
+            with partial_forward(model, prefix=prefix_kv, rows_per_prefix=len(chunk), layer_inputs=layer_inputs):
+                model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1)
+            stacked = torch.stack(layer_inputs, dim=1)  # [rows, n_layers, width, hidden]
+            for r, s in enumerate(chunk):
+                sequences[s] = stacked[r, :, :len(inputs[s])].clone()
+        self.stats.tokens += len(prefix) + sum(len(x) for x in inputs.values())
+        self._unablated[prefix] = _Unablated(prefix_inputs, sequences)
+        return self._unablated[prefix]
+
+    def _score_chunk(self, requests: Requests, chunk, prefix_len, prefix_cache, mask, start: int = 0,
+                     unablated: _Unablated | None = None):
         seqs = [requests.sequences[s] for s in chunk]
         n_masks, n_seq = mask.shape[0], len(seqs)
         inputs = [seq.context + seq.continuation[:-1] for seq in seqs]
@@ -181,17 +278,27 @@ class Runner:
         keep = torch.arange(lo, hi, device=self.device)
         rows_ids = ids.to(self.device).repeat(n_masks, 1)  # mask-major rows
         row_mask = mask.repeat_interleave(n_seq, dim=0)
-        kwargs = {}
+        self.stats.tokens += self._layer_share(sum(len(x) for x in inputs) * n_masks, start)
+        if self.partial.shared_prefix:
+            positions = None
+            if prefix_len:
+                positions = (torch.arange(width, device=self.device) + prefix_len)[None].expand(len(rows_ids), -1)
+            start_inputs = unablated.rows(chunk, width, start).repeat(n_masks, 1, 1) if start else None
+            with partial_forward(self.lm.model, start=start, start_inputs=start_inputs, prefix=prefix_cache,
+                                 rows_per_prefix=n_seq), self._applied(row_mask):
+                logits = self.lm.model(input_ids=rows_ids, position_ids=positions, use_cache=False,
+                                       logits_to_keep=keep).logits
+            return _gather(logits, seqs, starts, ends, lo, n_masks, self.device)
+        kwargs = {}  # the copying way: the prefix cache repeated for every row
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(n_seq)
-            kwargs["past_key_values"] = cache
+            kwargs.update(_cache_argument(self.lm.model, cache))
             kwargs["position_ids"] = (torch.arange(width, device=self.device) + prefix_len)[None].expand(
                 rows_ids.shape[0], -1)
         with self._applied(row_mask):
             logits = self.lm.model(input_ids=rows_ids, use_cache=prefix_cache is not None,
                                    logits_to_keep=keep, **kwargs).logits
-        self.stats.tokens += sum(len(x) for x in inputs) * n_masks
         return _gather(logits, seqs, starts, ends, lo, n_masks, self.device)
 
     # -- gradients with respect to the component multipliers ---------------------------------------------
@@ -226,6 +333,7 @@ class Runner:
                 grad, = torch.autograd.grad(total, scales)
             out[chunk] = grad.double().cpu().numpy()
             self.stats.tokens += 3 * sum(len(rows[s]) for s in chunk)
+            self.stats.gradient_tokens += 3 * sum(len(rows[s]) for s in chunk)
         return out
 
     # -- generation ------------------------------------------------------------------------------------
@@ -263,7 +371,7 @@ class Runner:
         if shared:
             prefix = torch.tensor([prompts[0][:shared]], device=self.device).repeat(n_masks, 1)
             with self._applied(mask.to(self.device)):
-                cache = self.lm.model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+                cache = _returned_cache(self.lm.model(input_ids=prefix, use_cache=True, logits_to_keep=1))
             cache.batch_repeat_interleave(n)
             self.stats.tokens += shared * n_masks
             suffix, suffix_attn = pad_batch([p[shared:] for p in prompts], gen_kwargs["pad_token_id"], side="left")
@@ -294,8 +402,8 @@ class Runner:
         for _ in range(gen_kwargs["max_new_tokens"]):
             with self._applied(row_mask[alive]):
                 out = self.lm.model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos,
-                                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+                                    use_cache=True, logits_to_keep=1, **_cache_argument(self.lm.model, cache))
+            cache = _returned_cache(out)
             next_ids = out.logits[:, -1].argmax(-1)
             self.stats.tokens += len(alive)
             keep = []
@@ -329,6 +437,15 @@ class Runner:
             self.lm.model(input_ids=ids.to(self.device), logits_to_keep=1)
 
 
+def _cache_argument(model, cache) -> dict:
+    """The KV cache as this transformers' forward names it: `cache` (5.x), `past_key_values` before."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+def _returned_cache(output):
+    return output["cache"] if "cache" in output else output.past_key_values
+
+
 def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
     """Log-softmax in fp32 for half-precision models, in the model's own precision above that."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -336,17 +453,19 @@ def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
 
 def _gather(logits, seqs, starts, ends, lo, n_masks, device) -> tuple[np.ndarray, np.ndarray]:
     """From logits [n_masks * n_seq (mask-major), kept positions, vocab]: each sequence's continuation
-    log-probability and whether greedy decoding reproduces it, [n_masks, n_seq]."""
+    log-probability and whether greedy decoding reproduces it, [n_masks, n_seq]. The target's logit minus
+    the log-normaliser: no log-softmax over the whole vocabulary is materialised."""
     n_seq = len(seqs)
-    logprobs = torch.log_softmax(_at_least_fp32(logits), dim=-1).view(n_masks, n_seq, logits.shape[1], -1)
-    argmax = logits.argmax(dim=-1).view(n_masks, n_seq, logits.shape[1])
+    logits = _at_least_fp32(logits).view(n_masks, n_seq, logits.shape[1], -1)
+    normaliser = torch.logsumexp(logits, dim=-1)
+    argmax = logits.argmax(dim=-1)
     total = np.zeros((n_masks, n_seq))
     greedy = np.ones((n_masks, n_seq), dtype=bool)
     for r, seq in enumerate(seqs):
         pos = torch.arange(starts[r] - lo, ends[r] - lo, device=device)
         target = torch.tensor(seq.continuation, device=device)
-        lp = logprobs[:, r, pos, :].gather(-1, target[None, :, None].expand(n_masks, -1, 1)).squeeze(-1)
-        total[:, r] = lp.double().sum(-1).cpu().numpy()
+        picked = logits[:, r, pos, :].gather(-1, target[None, :, None].expand(n_masks, -1, 1)).squeeze(-1)
+        total[:, r] = (picked - normaliser[:, r, pos]).double().sum(-1).cpu().numpy()
         greedy[:, r] = (argmax[:, r, pos] == target[None]).all(-1).cpu().numpy()
     return total, greedy
 

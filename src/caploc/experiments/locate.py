@@ -153,6 +153,8 @@ def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithme
             "reused_evaluations": sum(e.stats.reused for e in evaluators),
             "model_tokens": sum(e.stats.tokens for e in evaluators),
             "method_model_tokens": sum(e.stats.tokens for e in [identify, *control_id]),
+            # gradients are never stored: their cost is the same on a rerun
+            "gradient_model_tokens": sum(e.stats.gradient_tokens for e in [identify, *control_id]),
             "tokens_per_evaluation": per_mask,
             "wall_seconds": round(time.perf_counter() - started, 2),
         },

@@ -1,0 +1,112 @@
+"""Forward passes that skip what is known (shared prefix without copies, layer reuse) against plain ones."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from caploc import wrap_model
+from caploc.evaluator import Evaluator, partial
+from caploc.sites import head_site
+from caploc.tasks import get_task
+from tiny import ARCHS, build, byte_tokenizer
+
+
+def _reference_attention(q, k, v, scaling, window, softcap, prefix, rows_per_prefix):
+    """Causal attention over the concatenation [prefix | own keys], in float64, one head at a time."""
+    rows, heads, length, _ = q.shape
+    group = heads // k.shape[1]
+    if prefix is not None:
+        pk, pv = (x.repeat_interleave(rows_per_prefix, dim=0) for x in prefix)
+        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+    p_len = k.shape[2] - length
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for h in range(heads):
+        scores = q[:, h].double() @ k[:, h // group].double().transpose(-1, -2) * scaling
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        query_pos = torch.arange(length)[:, None] + p_len
+        key_pos = torch.arange(k.shape[2])[None]
+        allowed = key_pos <= query_pos
+        if window is not None:
+            allowed &= (query_pos - key_pos) < window
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[:, h] = torch.softmax(scores, -1) @ v[:, h // group].double()
+    return out
+
+
+@pytest.mark.parametrize("window,softcap", [(None, None), (6, None), (None, 5.0), (3, 5.0)])
+@pytest.mark.parametrize("with_prefix", [True, False])
+def test_attention_over_a_shared_prefix_equals_attention_over_the_concatenation(window, softcap, with_prefix):
+    torch.manual_seed(0)
+    groups, per_group, heads, kv_heads, length, p_len, dim = 3, 4, 6, 2, 5, 7, 8
+    rows = groups * per_group
+    q = torch.randn(rows, heads, length, dim)
+    k, v = torch.randn(rows, kv_heads, length, dim), torch.randn(rows, kv_heads, length, dim)
+    prefix = (torch.randn(groups, kv_heads, p_len, dim), torch.randn(groups, kv_heads, p_len, dim))
+    prefix = prefix if with_prefix else None
+    got = partial.attend(q, k, v, 0.3, window, softcap, prefix, per_group)
+    expected = _reference_attention(q, k, v, 0.3, window, softcap, prefix, per_group)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_every_architecture_passes_the_check(name):
+    assert partial.support(wrap_model(build(name), byte_tokenizer())) == partial.Support(True, True)
+
+
+def test_a_model_whose_attention_ignores_the_prefix_fails_the_check_and_is_evaluated_by_copies(monkeypatch):
+    """The check compares against the plain forward, so a wrong partial attention is never used."""
+    model, tok = build("llama"), byte_tokenizer()
+    original = partial.attend
+    monkeypatch.setattr(partial, "attend", lambda q, k, v, scaling, window, softcap, prefix, n:
+                        original(q, k, v, scaling, window, softcap, None, n))
+    lm = wrap_model(model, tok)
+    assert not partial.support(lm).shared_prefix
+    task = get_task("arithmetic", subtask="2D+", shots=2)
+    items = task.items(3)
+    result = Evaluator(lm, task, items).evaluate([[], [5]])
+    monkeypatch.setattr(partial, "attend", original)
+    fresh = wrap_model(model, tok)
+    np.testing.assert_allclose(result.scores["logprob"], Evaluator(fresh, task, items).evaluate([[], [5]])
+                               .scores["logprob"], atol=1e-5)
+
+
+def _weight_zeroed_logprobs(lm, evaluator, heads):
+    edited = copy.deepcopy(lm.model)
+    head_site(edited).zero_columns([lm.layout.head(i) for i in heads])
+    out = []
+    for seq in evaluator.requests.sequences:
+        full = list(seq.prefix) + seq.context + seq.continuation
+        with torch.no_grad():
+            logits = edited(torch.tensor([full])).logits[0, len(full) - len(seq.continuation) - 1:-1]
+        out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq.continuation)[:, None]).sum().item())
+    return np.array(out)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("task_name,options", [("arithmetic", {"subtask": "2D+", "shots": 2}), ("induction", {})])
+def test_rows_that_start_at_their_first_ablated_layer_equal_weight_zeroing(name, task_name, options):
+    """Masks evaluated one per pass start at their own first layer (with and without a shared prefix):
+    the scores equal the weight-zeroed model's, and the pass costs fewer tokens than a full one."""
+    model, tok = build(name), byte_tokenizer()
+    lm = wrap_model(model, tok)
+    task = get_task(task_name, **options)
+    items = task.items(3, seed=1)
+    per_head = lm.layout.n_heads
+    sets = [[per_head * layer + 1] for layer in range(lm.layout.n_layers)] + [[per_head + 2, 2 * per_head]]
+    evaluator = Evaluator(lm, task, items, batch_tokens=64)  # one mask per pass
+    assert evaluator.runner.masks_per_pass(evaluator.requests) == 1
+    result = evaluator.evaluate(sets)
+    for m, heads in enumerate(sets):
+        expected = _weight_zeroed_logprobs(lm, evaluator, heads)
+        np.testing.assert_allclose(result.scores["logprob"][m], expected, atol=1e-4, err_msg=str(heads))
+    assert evaluator.runner.first_layer(evaluator._as_mask([sets[-1]])) == 1
+    full = Evaluator(lm, task, items, batch_tokens=64)
+    full.evaluate([[0]])  # starts at layer 0
+    late = Evaluator(lm, task, items, batch_tokens=64)
+    late.evaluate([[lm.layout.n_total - 1]])  # computes the unablated states once
+    before = late.stats.tokens
+    late.evaluate([[lm.layout.n_total - 2]])  # the last layer only
+    assert 0 < late.stats.tokens - before <= full.stats.tokens // lm.layout.n_layers + 1
