@@ -104,6 +104,11 @@ class Runner:
         self._unablated: dict[tuple[int, ...], _Unablated | None] = {}
 
     @cached_property
+    def _cache_name(self) -> str:
+        """The KV cache's argument name in this transformers' forward: `cache` (5.x), `past_key_values` before."""
+        return "cache" if "cache" in inspect.signature(self.lm.model.forward).parameters else "past_key_values"
+
+    @cached_property
     def partial(self) -> Support:
         """What this model's forward can skip: copies of a shared prefix, layers before the first ablated."""
         return support(self.lm)
@@ -158,9 +163,10 @@ class Runner:
             groups = {p: m for p, m in groups.items() if not p}
         for prefix, members in groups.items():
             start, unablated = 0, None
-            if self.partial.layer_reuse and self.first_layer(mask) > 0:
+            first_layer = self.first_layer(mask)
+            if self.partial.layer_reuse and first_layer > 0:
                 unablated = self._unablated_states(requests, prefix, members)
-                start = self.first_layer(mask) if unablated is not None else 0
+                start = first_layer if unablated is not None else 0
             prefix_cache = self._run_prefix(prefix, mask_dev, start, unablated) if prefix else None
             row_tokens = requests.row_tokens(members, shared_prefix=self.partial.shared_prefix)
             per_chunk = max(1, self.batch_tokens // (row_tokens * n_masks))
@@ -208,7 +214,7 @@ class Runner:
             with self._applied(chunk.repeat_interleave(n_seq, dim=0)):
                 logits = self.lm.model(input_ids=suf_ids.repeat(c, 1), attention_mask=attention.repeat(c, 1),
                                        position_ids=positions.repeat(c, 1), use_cache=True, logits_to_keep=keep,
-                                       **_cache_argument(self.lm.model, cache)).logits
+                                       **{self._cache_name: cache}).logits
             self.stats.tokens += int(pre_real.sum()) * c + sum(len(x) for x in inputs) * c
             total[m0:m0 + c], greedy[m0:m0 + c] = _gather(logits, seqs, starts, ends, lo, c, self.device)
         return total, greedy
@@ -249,7 +255,7 @@ class Runner:
             with partial_forward(model, capture=prefix_kv, layer_inputs=prefix_inputs):
                 model(input_ids=torch.tensor([prefix], device=self.device), use_cache=False, logits_to_keep=1)
         sequences = {}
-        per_chunk = max(1, self.batch_tokens // requests.row_tokens(members))
+        per_chunk = max(1, self.batch_tokens // requests.row_tokens(members, shared_prefix=True))
         for first in range(0, len(members), per_chunk):
             chunk = members[first:first + per_chunk]
             ids, _ = pad_batch([inputs[s] for s in chunk], self.lm.tokenizer.pad_token_id, device=self.device)
@@ -293,7 +299,7 @@ class Runner:
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(n_seq)
-            kwargs.update(_cache_argument(self.lm.model, cache))
+            kwargs[self._cache_name] = cache
             kwargs["position_ids"] = (torch.arange(width, device=self.device) + prefix_len)[None].expand(
                 rows_ids.shape[0], -1)
         with self._applied(row_mask):
@@ -332,8 +338,9 @@ class Runner:
                     total = total + logprobs[r, pos, target].sum()
                 grad, = torch.autograd.grad(total, scales)
             out[chunk] = grad.double().cpu().numpy()
-            self.stats.tokens += 3 * sum(len(rows[s]) for s in chunk)
-            self.stats.gradient_tokens += 3 * sum(len(rows[s]) for s in chunk)
+            passes = 3 * sum(len(rows[s]) for s in chunk)
+            self.stats.tokens += passes
+            self.stats.gradient_tokens += passes
         return out
 
     # -- generation ------------------------------------------------------------------------------------
@@ -402,7 +409,7 @@ class Runner:
         for _ in range(gen_kwargs["max_new_tokens"]):
             with self._applied(row_mask[alive]):
                 out = self.lm.model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos,
-                                    use_cache=True, logits_to_keep=1, **_cache_argument(self.lm.model, cache))
+                                    use_cache=True, logits_to_keep=1, **{self._cache_name: cache})
             cache = _returned_cache(out)
             next_ids = out.logits[:, -1].argmax(-1)
             self.stats.tokens += len(alive)
@@ -435,11 +442,6 @@ class Runner:
             ids, real = pad_batch(prompts[start:start + 16], self.lm.tokenizer.pad_token_id)
             set_weights(real.float())  # right padding, pads weighted 0
             self.lm.model(input_ids=ids.to(self.device), logits_to_keep=1)
-
-
-def _cache_argument(model, cache) -> dict:
-    """The KV cache as this transformers' forward names it: `cache` (5.x), `past_key_values` before."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 
 
 def _returned_cache(output):
