@@ -2,10 +2,10 @@
 
 For each task (arithmetic 2D+, induction, ioi), seed and method, `caploc.locate` identifies the top-k heads;
 the benchmark then reports, per task and method:
-- model tokens relative to iterative greedy's: masks requested x tokens per mask (identification and
-  control-identification items, shared prefixes once), plus the tokens a gradient screen runs (three
-  passes per row, each row with its whole prompt); a logical cost, the same whether or not the store
-  already held the masks;
+- model tokens relative to iterative greedy's: masks requested on the identification items and on the
+  control-identification items, each x its tokens per mask (shared prefixes once), plus the tokens a
+  gradient screen runs (three passes per token: a few-shot prefix shared by the items once, other rows
+  whole); a logical cost, the same whether or not the store already held the masks;
 - held-out target drop (the identification metric, all k heads ablated) as % of greedy's;
 - held-out `general` accuracy drop (points) of the same heads, on general items no method saw;
 - cross-seed top-k overlap (mean over seed pairs) and the mean bootstrap selection frequency of the top-k;
@@ -99,12 +99,11 @@ def main():
                 # log-probability shows it
                 general_lp = paired_drop(general_base_lp, general_scores.scores["logprob"][0])
                 metric = run.metric
-                # logical cost, independent of what the store already held: masks x tokens per mask (target
-                # and control items), plus the tokens the gradients ran (never stored; a forward + backward
-                # counts three passes, and every row carries its whole prompt: no prefix is shared)
+                # logical cost, independent of what the store already held (locate's budget): masks asked
+                # for x tokens per mask, target and control apart, plus the tokens the gradients ran
                 per_mask = run.budget["tokens_per_evaluation"] or 0
-                gradient = run.budget.get("gradient_model_tokens", 0)
-                runs.append({"seed": seed, "top": top, "tokens": run.budget["evaluations"] * per_mask + gradient,
+                runs.append({"seed": seed, "top": top, "tokens": run.budget["logical_model_tokens"],
+                             "control_evaluations": run.budget["control_evaluations"],
                              "computed_tokens": run.budget["method_model_tokens"],
                              "evaluations": run.budget["evaluations"], "tokens_per_evaluation": per_mask,
                              "target_drop": run.validation[metric][-1]["drop"],

@@ -38,8 +38,9 @@ def test_universal_flags_only_heads_that_matter_everywhere(planted, tmp_path):
     assert len(rows) == lm.layout.n_total
     planted_names = {str(h) for h in PLANTED}
     for name, row in rows.items():
-        if name not in planted_names:  # zeroed output projections: no effect anywhere, exactly
-            assert all(v == 0 for v in row["relative_drop"].values()), name
+        if name not in planted_names:  # zeroed output projections: no effect anywhere, up to fp32 rounding
+            # (MKL's AVX-512 kernels round a row differently with the number of rows in its pass: ~1e-7)
+            assert all(abs(v) <= 1e-5 for v in row["relative_drop"].values()), name
             assert not row["universal"]
     assert report["universal_heads"] and set(report["universal_heads"]) <= planted_names
     for row in report["heads"]:  # the rule: degrades >= min_tasks tasks by >= threshold
@@ -103,6 +104,7 @@ def test_compare_runs(planted, tmp_path):
     assert report["overlap"] == 3 and report["jaccard"] == 1.0
     assert set(report["shared"]) == {str(h) for h in PLANTED}
     assert report["spearman"] is not None and report["spearman"] > 0.5
+    assert report["spearman_heads"] >= len(PLANTED)  # over the heads both runs scored (NaN elsewhere)
     assert compare(tmp_path / "a", tmp_path / "b", k=1)["k"] == [1, 1]
     with pytest.raises(CaplocError, match="run directory not found"):
         compare(tmp_path / "a", tmp_path / "missing")

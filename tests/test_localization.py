@@ -2,6 +2,7 @@
 known heads (induction, IOI)."""
 
 import numpy as np
+import torch
 import pytest
 
 from caploc import locate, wrap_model
@@ -69,6 +70,28 @@ def test_control_aware_methods_skip_a_head_that_also_breaks_the_control(method):
     assert UNSPECIFIC in plain.top(2)  # the paper's objective takes the biggest drop
     assert set(aware.top(2)) == set(SPECIFIC)  # the control-aware criterion does not
     assert aware.control_effects is not None and aware.control_effects[UNSPECIFIC] > 0.1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_evaluates_the_controls_only_where_they_can_change_its_choice(seed):
+    """The criterion is at most the target's relative drop, so a round evaluates controls in that bound's
+    order and stops once no remaining head can win: the same rounds as evaluating every control, for less."""
+    rng = np.random.default_rng(seed)
+    target = PlantedResponses(np.abs(rng.normal(0, 0.3, N_HEADS)), name="target")
+    control = PlantedResponses(rng.normal(0, 0.4, N_HEADS), base=-3.0, seed=1, name="control")
+    objective = Objective(target, "logprob", [control], penalty=1.0)
+    result = Greedy().run(objective, k=4)
+    reference = Objective(target, "logprob", [control], penalty=1.0)
+    chosen = []
+    for round_ in result.details["rounds"]:
+        pool = [i for i in range(N_HEADS) if i not in chosen]
+        criterion = reference.criterion(reference.set_masks([chosen + [i] for i in pool]))
+        best = int(np.argmax(criterion))  # the first of equals, as a stable sort gives
+        assert round_["head"] == pool[best] and round_["criterion"] == pytest.approx(criterion[best])
+        chosen.append(pool[best])
+    assert objective.requested == reference.requested
+    assert objective.control_requested < reference.control_requested / 2
+    assert np.isfinite(result.target_effects).all() and np.isnan(result.control_effects).any()
 
 
 def test_penalty_zero_is_the_plain_ranking_and_the_criterion_is_documented():
@@ -190,18 +213,29 @@ def test_locate_with_control_seeds_and_stability(planted, tmp_path):
 
 
 def test_the_budget_counts_the_tokens_the_gradient_screen_runs(planted):
-    """Gradients are never stored, and every gradient row carries its whole prompt (no shared prefix): the
-    budget says so, three passes (forward + backward) per row per gradient point."""
-    from caploc.evaluator.requests import Requests
+    """Gradients are never stored, so the budget counts what they run: three passes (forward + backward) per
+    token per gradient point; a few-shot prefix shared by the items once, every other row with its whole
+    prompt, and only the sequences the metric uses (a multiple-choice `logprob`: the correct choice)."""
+    from caploc.evaluator.requests import MIN_SHARED_PREFIX
 
     lm, task = planted
     run = locate(lm, task, "refine", k=2, n=6, n_validate=3, control="general", n_control=3, bootstrap=0)
-    rows = 0
+    tokens = 0
     for t, n in ((task, 6), (get_task("general"), 3)):
-        requests = Requests(lm.tokenizer, t, t.items(n, 0))
-        rows += sum(len(s.prefix) + len(s.context) + len(s.continuation) for s in requests.sequences)
+        evaluator = Evaluator(lm, t, t.items(n, 0))
+        weights = evaluator._metric_weights(t.identification_metric)
+        for prefix, members in evaluator.requests.prefix_groups().items():
+            used = [evaluator.requests.sequences[s] for s in members if weights[s]]
+            shared = len(prefix) >= MIN_SHARED_PREFIX and len({s.item for s in used}) > 1
+            tokens += (len(prefix) if shared else len(prefix) * len(used)) + sum(
+                len(s.context) + len(s.continuation) for s in used)
     assert run.details["gradient_points"] == 2
-    assert run.budget["gradient_model_tokens"] == 3 * 2 * rows
+    assert run.budget["gradient_model_tokens"] == 3 * 2 * tokens
+    per_mask = [Evaluator(lm, t, t.items(n, 0)).tokens_per_mask() for t, n in ((task, 6), (get_task("general"), 3))]
+    budget = run.budget
+    assert budget["logical_model_tokens"] == (budget["evaluations"] * per_mask[0] + budget["gradient_model_tokens"]
+                                              + budget["control_evaluations"] * per_mask[1])
+    assert 0 < budget["control_evaluations"] < budget["evaluations"]  # greedy rounds bound the controls
 
 
 def test_induction_and_ioi_items_are_seeded_and_well_formed():
@@ -231,6 +265,23 @@ def test_prefix_matching_scores_find_a_planted_induction_pattern():
     assert ((scores >= 0) & (scores <= 1)).all()
     assert not any(m._forward_pre_hooks for m in lm.model.modules())
     assert lm.model.config._attn_implementation != "eager" or True  # restored to what it was
+
+
+def test_attention_signatures_tell_previous_token_and_induction_heads_apart():
+    """Constructed attention patterns on a BOS and a 6-token sequence repeated: a head that always attends to
+    the token before, one that attends to the token after the query's first occurrence, one to itself."""
+    from caploc.experiments.evaluate import attention_signatures
+
+    length, offset = 6, 1
+    total = offset + 2 * length
+    previous, induction, itself = (torch.zeros(total, total) for _ in range(3))
+    for q in range(total):
+        previous[q, max(q - 1, 0)] = 1
+        itself[q, q] = 1
+        induction[q, q - length + 1 if q > offset + length else q] = 1
+    scores = attention_signatures([torch.stack([previous, induction, itself])[None]], length, offset)
+    np.testing.assert_allclose(scores["previous_token"], [[1, 0, 0]])
+    np.testing.assert_allclose(scores["prefix_matching"], [[0, 1, 0]])
 
 
 class BackupResponses(PlantedResponses):

@@ -26,6 +26,13 @@ def test_loads_with_expected_layout_and_cached_reload(smollm):
     assert again.fingerprint == smollm.fingerprint
 
 
+def test_bf16_keeps_the_shared_prefix_and_layer_reuse():
+    """bf16 is the default where the CPU runs it natively; the evaluator's savings must hold there too."""
+    from caploc.evaluator import partial
+
+    assert partial.support(load_model("smollm2-135m", dtype="bfloat16")) == partial.Support(True, True)
+
+
 def test_ablation_is_exact_against_weight_zeroing(smollm):
     model, tok, layout = smollm.model, smollm.tokenizer, smollm.layout
     heads = [Head(0, 3), Head(14, 7), Head(29, 0)]

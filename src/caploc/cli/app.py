@@ -92,7 +92,7 @@ def locate(
 @app.command()
 def heads(model: o.Model = DEFAULT_MODEL,
           scores: Optional[str] = typer.Option(None, "--scores", help="also score every head: induction (prefix-"
-                                               "matching attention on repeated random tokens)"),
+                                               "matching and previous-token attention on repeated random tokens)"),
           seed: o.Seed = 0, dtype: o.Dtype = "auto", device: o.Device = "auto", as_json: o.AsJson = False, json_file: o.JsonFile = None):
     """List the model's layers, attention heads and their KV groups (and per-head scores)."""
     render.emit(api.heads(model, dtype, device, scores=scores, seed=seed), as_json, json_file, render.print_heads)

@@ -132,11 +132,12 @@ def print_heads(info) -> None:
     for layer, names in per_layer.items():
         table.add_row(str(layer), " ".join(names))
     console.print(table)
-    scored = [h for h in info["heads"] if "prefix_matching" in h]
-    if scored:
-        top = sorted(scored, key=lambda h: -h["prefix_matching"])[:10]
-        console.print("highest prefix-matching (induction) scores: "
-                      + ", ".join(f"{h['head']} {h['prefix_matching']:.2f}" for h in top))
+    for key, what in (("prefix_matching", "prefix-matching (induction heads)"),
+                      ("previous_token", "previous-token (the heads induction heads read)")):
+        scored = [h for h in info["heads"] if key in h]
+        if scored:
+            top = sorted(scored, key=lambda h: -h[key])[:10]
+            console.print(f"highest {what} scores: " + ", ".join(f"{h['head']} {h[key]:.2f}" for h in top))
 
 
 def print_specificity(report) -> None:
@@ -188,7 +189,8 @@ def print_compare(report) -> None:
         shared = set(report["shared"])
         table.add_row(f"[bold]{a}[/bold]" if a in shared else a, f"[bold]{b}[/bold]" if b in shared else b)
     console.print(table)
-    spearman = f"{report['spearman']:.3f}" if report["spearman"] is not None else "n/a"
+    spearman = (f"{report['spearman']:.3f} over the {report['spearman_heads']} heads both scored"
+                if report["spearman"] is not None else "n/a")
     console.print(f"overlap {report['overlap']} (shared: {', '.join(report['shared']) or 'none'}), "
                   f"Jaccard {report['jaccard']:.2f}, Spearman of per-head scores {spearman}")
     if report.get("note"):

@@ -121,12 +121,25 @@ class Evaluator:
         if ablated is not None:
             ablated = np.asarray(ablated)
             at = self._as_mask(ablated[None] if ablated.dtype == bool else [ablated.astype(int).tolist()])[0]
-        grads = self.runner.sequence_gradients(self.requests, at).T  # components play the role of masks
-        no_greedy = np.zeros_like(grads, dtype=bool)
-        per_item = self.requests.per_item
-        values = self.task.process_loglikelihoods(self.items, per_item(grads), per_item(no_greedy))[metric]
+        grads = self.runner.sequence_gradients(self.requests, self._metric_weights(metric), at)
         self.stats.seconds += time.perf_counter() - started
-        return values.T
+        item_of = np.array([seq.item for seq in self.requests.sequences])
+        out = np.zeros((len(self.items), grads.shape[1]))
+        np.add.at(out, item_of, grads)
+        return out
+
+    def _metric_weights(self, metric: str) -> np.ndarray:
+        """Per sequence s, d metric(item of s) / d log p(s): the metric is linear in the log-probabilities,
+        so the task's own scoring applied to unit log-probabilities gives it."""
+        n_seq = len(self.requests.sequences)
+        per_item = self.requests.per_item
+        no_greedy = [np.zeros_like(x, dtype=bool) for x in per_item(np.zeros((n_seq, n_seq)))]
+
+        def metric_of(logprob: np.ndarray) -> np.ndarray:  # [n_seq, n_seq] -> [n_seq, n_items]
+            return self.task.process_loglikelihoods(self.items, per_item(logprob), no_greedy)[metric]
+
+        slopes = metric_of(np.eye(n_seq)) - metric_of(np.zeros((n_seq, n_seq)))
+        return slopes[np.arange(n_seq), [seq.item for seq in self.requests.sequences]]
 
     def baseline(self) -> EvalResult:
         return self.evaluate(torch.zeros(1, self.n_heads, dtype=torch.bool))

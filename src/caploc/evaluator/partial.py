@@ -85,13 +85,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, wi
                                                                 enable_gqa=group > 1)
     score_dtype = torch.promote_types(q.dtype, torch.float32)
     lowest = torch.finfo(score_dtype).min
+    # in place where no gradient flows (evaluation); out of place under autograd (gradients of multipliers)
+    inplace = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *(prefix or ()))))
     i = torch.arange(length, device=q.device)
     own_allowed = i[:, None] >= i[None, :]
     if windowed:
         own_allowed &= (i[:, None] - i[None, :]) < window
     # the row's own keys: [rows, kv_heads, group * S, S], the query heads of one kv head stacked
     own = _scores(q.reshape(rows, kv_heads, group * length, dim), k, scaling, softcap, score_dtype)
-    own.masked_fill_(~own_allowed.repeat(group, 1), lowest)
+    own = _fill(own, ~own_allowed.repeat(group, 1), lowest, inplace)
     if prefix is None:
         weights = torch.softmax(own, dim=-1).to(v.dtype)
         return (weights @ v).view(rows, heads, length, dim)
@@ -113,16 +115,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, wi
     if windowed:
         j = torch.arange(p_len, device=q.device)
         shared_allowed = (p_len + i[:, None] - j[None, :]) < window  # [S, P]
-        shared.view(groups, kv_heads, n * group, length, p_len).masked_fill_(~shared_allowed, lowest)
+        shared = _fill(shared.view(groups, kv_heads, n * group, length, p_len), ~shared_allowed, lowest,
+                       inplace).view(groups, kv_heads, n * group * length, p_len)
     # softmax over [prefix | own] from the two parts: a common maximum and a common normaliser
     top = torch.maximum(own.amax(-1, keepdim=True), to_row_layout(shared.amax(-1, keepdim=True)))
-    own.sub_(top).exp_()
-    shared.sub_(to_prefix_layout(top)).exp_()
+    if inplace:
+        own.sub_(top).exp_()
+        shared.sub_(to_prefix_layout(top)).exp_()
+    else:
+        top = top.detach()  # any common shift gives the same softmax
+        own, shared = (own - top).exp(), (shared - to_prefix_layout(top)).exp()
     total = own.sum(-1, keepdim=True) + to_row_layout(shared.sum(-1, keepdim=True))
-    own.div_(total)
-    shared.div_(to_prefix_layout(total))
+    if inplace:
+        own.div_(total)
+        shared.div_(to_prefix_layout(total))
+    else:
+        own, shared = own / total, shared / to_prefix_layout(total)
     out = own.to(v.dtype) @ v + to_row_layout(shared.to(pv.dtype) @ pv)
     return out.view(rows, heads, length, dim)
+
+
+def _fill(x: torch.Tensor, where: torch.Tensor, value: float, inplace: bool) -> torch.Tensor:
+    return x.masked_fill_(where, value) if inplace else x.masked_fill(where, value)
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None, dtype) -> torch.Tensor:
@@ -215,8 +229,16 @@ def support(lm: LoadedModel) -> Support:
     return lm.extra["partial_forward"]
 
 
-def _tolerance(dtype: torch.dtype) -> float:
-    return 1e-3 if torch.finfo(dtype).bits >= 32 else 0.3  # nats of log-probability
+def _differs(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether two log-probability tensors [rows, positions, vocab] disagree beyond what the precision allows.
+    fp32: 1e-3 nats on any token. Half precision cannot promise that: on the random tokens of the check,
+    SmolLM2 in bf16 is 1.7 nats (max over the vocabulary) from its own fp32 forward, and 0.42 from its own
+    KV-cache path, in the far tail of the distribution. So there the predicted distributions are compared
+    instead, by their largest KL divergence: bf16 rounding gave 0.004-0.012 nats, a prefix ignored 3.5 and
+    positions not offset 0.9."""
+    if torch.finfo(dtype).bits >= 32:
+        return bool((got - expected).abs().max() > 1e-3)
+    return bool((expected.exp() * (expected - got)).sum(-1).max() > 0.05)
 
 
 @torch.no_grad()
@@ -233,7 +255,6 @@ def _check(model: nn.Module) -> Support:
         return torch.log_softmax(logits.float(), dim=-1)
 
     expected = logprobs(model(input_ids=ids).logits[:, p_len:])
-    tolerance = _tolerance(param.dtype)
     positions = torch.arange(p_len, p_len + s_len, device=param.device)[None].expand(rows, -1)
     try:
         kv: dict = {}
@@ -245,7 +266,7 @@ def _check(model: nn.Module) -> Support:
             got = logprobs(model(input_ids=ids[:, p_len:], position_ids=positions, use_cache=False).logits)
         if len(state.attended) != n_layers:
             return Support(False, False, "its attention does not dispatch through AttentionInterface")
-        if (got - expected).abs().max() > tolerance:
+        if _differs(got, expected, param.dtype):
             return Support(False, False, "attention over a shared prefix differs from its plain forward")
         start = n_layers // 2
         if start == 0:
@@ -256,7 +277,7 @@ def _check(model: nn.Module) -> Support:
         with partial_forward(model, start=start, start_inputs=inputs_suffix[start], prefix=kv_late,
                              rows_per_prefix=rows):
             got = logprobs(model(input_ids=ids[:, p_len:], position_ids=positions, use_cache=False).logits)
-        if late.attended != set(range(start, n_layers)) or (got - expected).abs().max() > tolerance:
+        if late.attended != set(range(start, n_layers)) or _differs(got, expected, param.dtype):
             return Support(True, False, "starting at a later layer differs from its plain forward")
         return Support(True, True)
     except (Unsupported, TypeError, ValueError, IndexError, KeyError, RuntimeError) as error:

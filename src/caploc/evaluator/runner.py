@@ -13,6 +13,7 @@ Generation runs caploc's own greedy loop with left padding; all masks of an item
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 import inspect
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,7 +24,7 @@ import torch
 from caploc.ablation import ComponentAblation
 from caploc.evaluator.batches import pad_batch
 from caploc.evaluator.partial import Support, partial_forward, support
-from caploc.evaluator.requests import Requests
+from caploc.evaluator.requests import MIN_SHARED_PREFIX, Requests
 from caploc.models import LoadedModel
 
 GENERATE_ROWS = 64  # rows per generate() call: bounded by the KV cache of long generations
@@ -194,9 +195,6 @@ class Runner:
         n_groups, n_seq, width = len(pack), len(seqs), suf_ids.shape[1]
         prefix_len = pre_real.sum(1)
         starts = [len(seq.context) - 1 for seq in seqs]
-        ends = [len(seq.context) + len(seq.continuation) - 1 for seq in seqs]
-        lo, hi = min(starts), max(ends)
-        keep = torch.arange(lo, hi, device=self.device)
         attention = torch.cat([pre_real[group_of], torch.ones_like(suf_ids)], dim=1)
         positions = prefix_len[group_of][:, None] + torch.arange(width, device=self.device)[None]
         per_call = max(1, self.batch_tokens // (n_groups * pre_ids.shape[1] + n_seq * width))
@@ -211,12 +209,13 @@ class Runner:
                     position_ids=pre_positions.repeat(c, 1), use_cache=True, logits_to_keep=1))
             cache.batch_select_indices((torch.arange(c, device=self.device)[:, None] * n_groups
                                         + group_of[None]).reshape(-1))
-            with self._applied(chunk.repeat_interleave(n_seq, dim=0)):
+            scored = _ScoredTokens(seqs, starts, c, self.device)
+            with self._applied(chunk.repeat_interleave(n_seq, dim=0)), scored.applied(self.lm.model):
                 logits = self.lm.model(input_ids=suf_ids.repeat(c, 1), attention_mask=attention.repeat(c, 1),
-                                       position_ids=positions.repeat(c, 1), use_cache=True, logits_to_keep=keep,
+                                       position_ids=positions.repeat(c, 1), use_cache=True, logits_to_keep=0,
                                        **{self._cache_name: cache}).logits
             self.stats.tokens += int(pre_real.sum()) * c + sum(len(x) for x in inputs) * c
-            total[m0:m0 + c], greedy[m0:m0 + c] = _gather(logits, seqs, starts, ends, lo, c, self.device)
+            total[m0:m0 + c], greedy[m0:m0 + c] = scored.reduce(logits)
         return total, greedy
 
     def _run_prefix(self, prefix: tuple[int, ...], mask: torch.Tensor, start: int = 0,
@@ -278,10 +277,7 @@ class Runner:
         ids, _ = pad_batch(inputs, self.lm.tokenizer.pad_token_id)
         width = ids.shape[1]
         # first position whose logits predict a continuation token, per sequence
-        starts = [len(seq.context) - 1 for seq in seqs]
-        ends = [len(seq.context) + len(seq.continuation) - 1 for seq in seqs]
-        lo, hi = min(starts), max(ends)
-        keep = torch.arange(lo, hi, device=self.device)
+        scored = _ScoredTokens(seqs, [len(seq.context) - 1 for seq in seqs], n_masks, self.device)
         rows_ids = ids.to(self.device).repeat(n_masks, 1)  # mask-major rows
         row_mask = mask.repeat_interleave(n_seq, dim=0)
         self.stats.tokens += self._layer_share(sum(len(x) for x in inputs) * n_masks, start)
@@ -291,10 +287,10 @@ class Runner:
                 positions = (torch.arange(width, device=self.device) + prefix_len)[None].expand(len(rows_ids), -1)
             start_inputs = unablated.rows(chunk, width, start).repeat(n_masks, 1, 1) if start else None
             with partial_forward(self.lm.model, start=start, start_inputs=start_inputs, prefix=prefix_cache,
-                                 rows_per_prefix=n_seq), self._applied(row_mask):
+                                 rows_per_prefix=n_seq), self._applied(row_mask), scored.applied(self.lm.model):
                 logits = self.lm.model(input_ids=rows_ids, position_ids=positions, use_cache=False,
-                                       logits_to_keep=keep).logits
-            return _gather(logits, seqs, starts, ends, lo, n_masks, self.device)
+                                       logits_to_keep=0).logits
+            return scored.reduce(logits)
         kwargs = {}  # the copying way: the prefix cache repeated for every row
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
@@ -302,46 +298,106 @@ class Runner:
             kwargs[self._cache_name] = cache
             kwargs["position_ids"] = (torch.arange(width, device=self.device) + prefix_len)[None].expand(
                 rows_ids.shape[0], -1)
-        with self._applied(row_mask):
+        with self._applied(row_mask), scored.applied(self.lm.model):
             logits = self.lm.model(input_ids=rows_ids, use_cache=prefix_cache is not None,
-                                   logits_to_keep=keep, **kwargs).logits
-        return _gather(logits, seqs, starts, ends, lo, n_masks, self.device)
+                                   logits_to_keep=0, **kwargs).logits
+        return scored.reduce(logits)
 
     # -- gradients with respect to the component multipliers ---------------------------------------------
-    def sequence_gradients(self, requests: Requests, ablated: torch.Tensor | None = None) -> np.ndarray:
-        """[n_sequences, n_components]: d log p(continuation of sequence s) / d multiplier of component c, at
-        every multiplier 1 (no ablation), or with the components in the bool vector `ablated` held at 0 (the
-        first-order effect of each further ablation on top of a set already removed). Each sequence is a row
-        with its own multipliers, so one backward pass gives every row's gradient (attribution patching
-        through the per-row mask mechanism). Counted as three forward passes in the token budget (a backward
-        costs about two)."""
+    def sequence_gradients(self, requests: Requests, weights: np.ndarray,
+                           ablated: torch.Tensor | None = None) -> np.ndarray:
+        """[n_sequences, n_components]: d (weights[s] * log p(continuation of sequence s)) / d multiplier of
+        component c, at every multiplier 1 (no ablation), or with the components in the bool vector `ablated`
+        held at 0 (the first-order effect of each further ablation on top of a set already removed). Each row
+        has its own multipliers, so one backward pass gives every row's gradient (attribution patching through
+        the per-row mask mechanism). A prefix shared by several items runs once per pass, with multipliers of
+        its own (`_shared_prefix_gradients`); the rows of an item's sequences sum to its gradient. Counted as
+        three forward passes in the token budget (a backward costs about two)."""
+        out = np.zeros((len(requests.sequences), self.ablation.n_total))
+        base = torch.ones(self.ablation.n_total, dtype=torch.float64)
+        if ablated is not None:
+            base[ablated.to(torch.bool).cpu()] = 0.0
+        alone = []
+        for prefix, members in requests.prefix_groups().items():
+            members = [s for s in members if weights[s] != 0]  # sequences the metric does not use never run
+            if not members:
+                continue
+            items = {requests.sequences[s].item for s in members}
+            if self.partial.shared_prefix and len(items) > 1 and len(prefix) >= MIN_SHARED_PREFIX:
+                self._shared_prefix_gradients(requests, prefix, members, weights, base, out)
+            else:
+                alone += members
+        if alone:
+            self._whole_row_gradients(requests, alone, weights, base, out)
+        return out
+
+    def _whole_row_gradients(self, requests: Requests, members: list[int], weights: np.ndarray,
+                             base: torch.Tensor, out: np.ndarray) -> None:
+        """Each sequence a row with its whole prompt."""
         seqs = requests.sequences
-        out = np.zeros((len(seqs), self.ablation.n_total))
-        rows = [list(s.prefix) + s.context + s.continuation for s in seqs]
-        per_chunk = max(1, self.batch_tokens // (4 * max(len(r) for r in rows)))  # activations kept for backward
-        for start in range(0, len(rows), per_chunk):
-            chunk = list(range(start, min(len(rows), start + per_chunk)))
+        rows = {s: list(seqs[s].prefix) + seqs[s].context + seqs[s].continuation for s in members}
+        per_chunk = max(1, self.batch_tokens // (4 * max(len(r) for r in rows.values())))  # kept for backward
+        for first in range(0, len(members), per_chunk):
+            chunk = members[first:first + per_chunk]
             ids, _ = pad_batch([rows[s] for s in chunk], self.lm.tokenizer.pad_token_id, device=self.device)
             starts = [len(rows[s]) - len(seqs[s].continuation) for s in chunk]
-            lo, hi = min(starts) - 1, max(len(rows[s]) for s in chunk) - 1
-            scales = torch.ones(len(chunk), self.ablation.n_total, dtype=torch.float64)
-            if ablated is not None:
-                scales[:, ablated.to(torch.bool).cpu()] = 0.0
-            scales.requires_grad_(True)
+            scales = base.repeat(len(chunk), 1).requires_grad_(True)
             with torch.enable_grad(), self.ablation.applied(scales=scales):
-                logits = self.lm.model(input_ids=ids, logits_to_keep=torch.arange(lo, hi, device=self.device)).logits
-                logprobs = torch.log_softmax(_at_least_fp32(logits), dim=-1)
-                total = 0
-                for r, s in enumerate(chunk):
-                    target = torch.tensor(seqs[s].continuation, device=self.device)
-                    pos = torch.arange(starts[r] - 1 - lo, starts[r] - 1 - lo + len(target), device=self.device)
-                    total = total + logprobs[r, pos, target].sum()
+                total = self._weighted_logprob(ids, [seqs[s] for s in chunk], starts, weights[chunk])
                 grad, = torch.autograd.grad(total, scales)
-            out[chunk] = grad.double().cpu().numpy()
-            passes = 3 * sum(len(rows[s]) for s in chunk)
-            self.stats.tokens += passes
-            self.stats.gradient_tokens += passes
-        return out
+            out[chunk] += grad.double().cpu().numpy()
+            self._count_gradient(3 * sum(len(rows[s]) for s in chunk))
+
+    def _shared_prefix_gradients(self, requests: Requests, prefix: tuple[int, ...], members: list[int],
+                                 weights: np.ndarray, base: torch.Tensor, out: np.ndarray) -> None:
+        """The prefix once per pass, with one multiplier vector of its own, and the members' own tokens as rows
+        attending to its K/V (`partial`). Each row's own multipliers give its exact share; the prefix's
+        gradient is the sum over the pass's items of their prefix shares, which one backward cannot separate,
+        so it is spread evenly over those items (on their first sequence in the pass): every item-mean of
+        the gradient is exact, and a single item's gradient is exact up to how its prefix share differs
+        from the pass's mean (what a bootstrap over items sees of it)."""
+        seqs = requests.sequences
+        width = max(len(seqs[s].context) + len(seqs[s].continuation) for s in members)
+        per_chunk = max(1, (self.batch_tokens - len(prefix)) // (4 * width))
+        for first in range(0, len(members), per_chunk):
+            chunk = members[first:first + per_chunk]
+            ids, _ = pad_batch([seqs[s].context + seqs[s].continuation for s in chunk],
+                               self.lm.tokenizer.pad_token_id, device=self.device)
+            positions = (torch.arange(ids.shape[1], device=self.device) + len(prefix))[None].expand(len(chunk), -1)
+            prefix_scales = base[None].clone().requires_grad_(True)
+            row_scales = base.repeat(len(chunk), 1).requires_grad_(True)
+            kv: dict = {}
+            with torch.enable_grad():
+                with partial_forward(self.lm.model, capture=kv), self.ablation.applied(scales=prefix_scales):
+                    self.lm.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=False,
+                                  logits_to_keep=1)
+                with partial_forward(self.lm.model, prefix=kv, rows_per_prefix=len(chunk)), \
+                        self.ablation.applied(scales=row_scales):
+                    total = self._weighted_logprob(ids, [seqs[s] for s in chunk],
+                                                   [len(seqs[s].context) for s in chunk], weights[chunk],
+                                                   position_ids=positions, use_cache=False)
+                row_grad, prefix_grad = torch.autograd.grad(total, [row_scales, prefix_scales])
+            out[chunk] += row_grad.double().cpu().numpy()
+            first_of_item = {}
+            for s in chunk:
+                first_of_item.setdefault(seqs[s].item, s)
+            out[list(first_of_item.values())] += prefix_grad.double().cpu().numpy() / len(first_of_item)
+            self._count_gradient(3 * (len(prefix) + sum(len(seqs[s].context) + len(seqs[s].continuation)
+                                                        for s in chunk)))
+
+    def _weighted_logprob(self, ids: torch.Tensor, seqs, starts: list[int], weights: np.ndarray,
+                          **kwargs) -> torch.Tensor:
+        """sum over rows of weights[r] * log p(continuation r), where row r's continuation starts at index
+        starts[r] of `ids`; only the positions that predict a continuation token are projected on the
+        vocabulary."""
+        scored = _ScoredTokens(seqs, [start - 1 for start in starts], 1, self.device)
+        with scored.applied(self.lm.model):
+            logits = self.lm.model(input_ids=ids, logits_to_keep=0, **kwargs).logits
+        return scored.weighted_sum(logits, weights)
+
+    def _count_gradient(self, tokens: int) -> None:
+        self.stats.tokens += tokens
+        self.stats.gradient_tokens += tokens
 
     # -- generation ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -453,23 +509,77 @@ def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def _gather(logits, seqs, starts, ends, lo, n_masks, device) -> tuple[np.ndarray, np.ndarray]:
-    """From logits [n_masks * n_seq (mask-major), kept positions, vocab]: each sequence's continuation
-    log-probability and whether greedy decoding reproduces it, [n_masks, n_seq]. The target's logit minus
-    the log-normaliser: no log-softmax over the whole vocabulary is materialised."""
-    n_seq = len(seqs)
-    logits = _at_least_fp32(logits).view(n_masks, n_seq, logits.shape[1], -1)
-    normaliser = torch.logsumexp(logits, dim=-1)
-    argmax = logits.argmax(dim=-1)
-    total = np.zeros((n_masks, n_seq))
-    greedy = np.ones((n_masks, n_seq), dtype=bool)
-    for r, seq in enumerate(seqs):
-        pos = torch.arange(starts[r] - lo, ends[r] - lo, device=device)
-        target = torch.tensor(seq.continuation, device=device)
-        picked = logits[:, r, pos, :].gather(-1, target[None, :, None].expand(n_masks, -1, 1)).squeeze(-1)
-        total[:, r] = (picked - normaliser[:, r, pos]).double().sum(-1).cpu().numpy()
-        greedy[:, r] = (argmax[:, r, pos] == target[None]).all(-1).cpu().numpy()
-    return total, greedy
+NORMALISER_ROWS = 32  # scored positions whose fp32 logits are made at a time: a block that stays in cache is ~4x
+# faster than one pass over all of them (the normaliser is memory-bound)
+
+
+class _ScoredTokens:
+    """The (row, position) pairs of a pass whose logits predict a continuation token, rows being n_masks x
+    `seqs` (mask-major) and starts[r] the position of sequence r predicting its first continuation token.
+    Inside `applied`, the model's output embedding sees the hidden states at those pairs only, so the
+    vocabulary projection and the log-normaliser run on the tokens scored and no others (a shared range of
+    kept positions cost ~2x more on arithmetic, where contexts differ in length); any elementwise logit
+    post-processing of the model (Gemma 2's softcapping) still applies."""
+
+    def __init__(self, seqs, starts: list[int], n_masks: int, device):
+        lengths = torch.tensor([len(seq.continuation) for seq in seqs])
+        seq_of = torch.repeat_interleave(torch.arange(len(seqs)), lengths)
+        offset = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+        base_positions = torch.tensor(starts)[seq_of] + offset
+        base_targets = torch.tensor([t for seq in seqs for t in seq.continuation])
+        self.n_masks, self.n_seq = n_masks, len(seqs)
+        masks = torch.arange(n_masks).repeat_interleave(len(base_targets))
+        self.rows = (masks * len(seqs) + seq_of.repeat(n_masks)).to(device)
+        self.positions = base_positions.repeat(n_masks).to(device)
+        self.targets = base_targets.repeat(n_masks).to(device)
+        self.gathered = False
+
+    @contextmanager
+    def applied(self, model):
+        head = model.get_output_embeddings()
+        if head is None:  # no output-embedding module to hook: the logits are gathered afterwards
+            yield
+            return
+
+        def gather(module, args):
+            return (args[0][self.rows, self.positions][None],) + tuple(args[1:])
+
+        handle = head.register_forward_pre_hook(gather)
+        self.gathered = True
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _token_logprobs(self, logits: torch.Tensor):
+        """Per scored token: log p(target) and whether it is the argmax."""
+        logits = logits[0] if self.gathered else logits[self.rows, self.positions]
+        logprobs, argmax_ok = [], []
+        for first in range(0, len(self.targets), NORMALISER_ROWS):
+            block = _at_least_fp32(logits[first:first + NORMALISER_ROWS])
+            targets = self.targets[first:first + NORMALISER_ROWS]
+            picked = block.gather(-1, targets[:, None]).squeeze(-1)
+            logprobs.append(picked - torch.logsumexp(block, dim=-1))
+            argmax_ok.append(block.argmax(-1) == targets)
+        return torch.cat(logprobs), torch.cat(argmax_ok)
+
+    def reduce(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Each sequence's continuation log-probability and whether greedy decoding reproduces it:
+        [n_masks, n_seq]. The target's logit minus the log-normaliser: no log-softmax is materialised."""
+        logprob, ok = self._token_logprobs(logits)
+        n_rows = self.n_masks * self.n_seq
+        total = torch.zeros(n_rows, dtype=torch.float64, device=logprob.device).index_add_(0, self.rows,
+                                                                                          logprob.double())
+        wrong = torch.zeros(n_rows, device=logprob.device).index_add_(0, self.rows, (~ok).float())
+        shape = (self.n_masks, self.n_seq)
+        return total.view(shape).cpu().numpy(), (wrong == 0).view(shape).cpu().numpy()
+
+    def weighted_sum(self, logits: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
+        """sum over rows r of weights[r] * log p(continuation r), differentiable."""
+        logprob, _ = self._token_logprobs(logits)
+        per_token = torch.as_tensor(np.asarray(weights, dtype=np.float64), device=logprob.device)[
+            self.rows % self.n_seq].to(logprob.dtype)
+        return (per_token * logprob).sum()
 
 
 PACK_TOKENS = 2048  # tokens of one mask's rows in a pack of prefix groups

@@ -46,8 +46,8 @@ def evaluate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arith
 
 def heads(model: str | LoadedModel = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto", scores: str | None = None,
           seed: int = 0) -> HeadsResult:
-    """The model's layers, heads and KV groups; with `scores="induction"` also each head's prefix-matching
-    score (`prefix_matching_scores`)."""
+    """The model's layers, heads and KV groups; with `scores="induction"` also each head's scores for the two
+    halves of the induction circuit (`induction_scores`): prefix-matching and previous-token attention."""
     require(scores in (None, *HEAD_SCORES), f"unknown {{scores}} {scores!r}: choose {', '.join(HEAD_SCORES)}",
             "scores")
     lm = resolve_model(model, dtype, device)
@@ -55,20 +55,26 @@ def heads(model: str | LoadedModel = DEFAULT_MODEL, dtype: str = "auto", device:
     rows = [{"head": str(h), "layer": h.layer, "index": layout.index(h), "kv_group": layout.kv_group(h)}
             for h in layout.all_heads()]
     if scores == "induction":
-        values = prefix_matching_scores(lm, seed=seed).reshape(-1)
-        for row in rows:
-            row["prefix_matching"] = float(values[row["index"]])
+        for name, values in induction_scores(lm, seed=seed).items():
+            for row, value in zip(rows, values.reshape(-1)):
+                row[name] = float(value)
     return HeadsResult(model=lm.describe(), heads=rows)
 
 
 HEAD_SCORES = ("induction",)
 
 
-@torch.no_grad()
 def prefix_matching_scores(lm: LoadedModel, n: int = 8, length: int = 40, seed: int = 0) -> np.ndarray:
-    """Per head, [n_layers, n_heads]: on random token sequences repeated twice, the mean attention from each
-    token of the repeat to the token that followed its first occurrence (Olsson et al. 2022's prefix-matching
-    score; induction heads score near 1). Independent of ablation: a ground truth for `locate --task induction`."""
+    """Per head, [n_layers, n_heads]: Olsson et al. 2022's prefix-matching score (`induction_scores`)."""
+    return induction_scores(lm, n, length, seed)["prefix_matching"]
+
+
+def induction_scores(lm: LoadedModel, n: int = 8, length: int = 40, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per head, [n_layers, n_heads], on random token sequences repeated twice (one forward pass), the two
+    attention signatures of the induction circuit (Olsson et al. 2022), independent of ablation:
+    `prefix_matching` - the mean attention from each token of the repeat to the token that followed its first
+    occurrence (induction heads score near 1); `previous_token` - the mean attention from each token to the
+    one before it (the heads whose output induction heads' keys read)."""
     tok = lm.tokenizer
     model = lm.model
     special = set(tok.all_special_ids)
@@ -83,9 +89,19 @@ def prefix_matching_scores(lm: LoadedModel, n: int = 8, length: int = 40, seed: 
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")  # the fused kernels do not return attention weights
     try:
-        attentions = model(input_ids=ids.to(next(model.parameters()).device), output_attentions=True).attentions
+        with torch.no_grad():
+            attentions = model(input_ids=ids.to(next(model.parameters()).device), output_attentions=True).attentions
     finally:
         model.set_attn_implementation(previous)
+    return attention_signatures([a.float().cpu() for a in attentions], length, offset)
+
+
+def attention_signatures(attentions: list[torch.Tensor], length: int, offset: int) -> dict[str, np.ndarray]:
+    """From per-layer attention weights [batch, heads, T, T] over `offset` leading tokens and a sequence of
+    `length` tokens repeated twice: the prefix-matching and previous-token scores of every head."""
     queries = torch.arange(offset + length + 1, offset + 2 * length)  # second occurrence, after its first token
     keys = queries - length + 1  # the token after the query token's first occurrence
-    return np.stack([a[:, :, queries, keys].float().mean(dim=(0, 2)).cpu().numpy() for a in attentions])
+    # previous token, from the second token of the sequence on (the first has only what precedes the sequence)
+    later = torch.arange(offset + 1, offset + 2 * length)
+    return {"prefix_matching": np.stack([a[:, :, queries, keys].mean(dim=(0, 2)).numpy() for a in attentions]),
+            "previous_token": np.stack([a[:, :, later, later - 1].mean(dim=(0, 2)).numpy() for a in attentions])}

@@ -123,6 +123,9 @@ def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithme
     layout = lm.layout
     evaluators = [identify, validate, *control_id, *control_val]
     per_mask = sum(e.tokens_per_mask() or 0 for e in [identify, *control_id]) or None
+    per_target_mask = identify.tokens_per_mask()
+    per_control_mask = sum(e.tokens_per_mask() or 0 for e in control_id)
+    gradient_tokens = sum(e.stats.gradient_tokens for e in [identify, *control_id])
     located = LocateResult(
         model=lm.describe(), task=task_obj.config(), task_options=options.recorded(),
         method={"name": method, **method_obj.params()},
@@ -149,13 +152,18 @@ def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithme
                       "control_items": [e.task_fingerprint for e in control_id]},
         budget={
             "evaluations": requested,
+            "control_evaluations": objective.control_requested,
             "computed_evaluations": sum(e.stats.evaluations for e in evaluators),
             "reused_evaluations": sum(e.stats.reused for e in evaluators),
             "model_tokens": sum(e.stats.tokens for e in evaluators),
             "method_model_tokens": sum(e.stats.tokens for e in [identify, *control_id]),
             # gradients are never stored: their cost is the same on a rerun
-            "gradient_model_tokens": sum(e.stats.gradient_tokens for e in [identify, *control_id]),
+            "gradient_model_tokens": gradient_tokens,
             "tokens_per_evaluation": per_mask,
+            # what the method costs whatever the store held: masks asked for on the target and on the controls
+            # (greedy rounds skip controls that cannot change their choice), shared prefixes once, and gradients
+            "logical_model_tokens": (requested * per_target_mask + objective.control_requested * per_control_mask
+                                     + gradient_tokens) if per_target_mask else None,
             "wall_seconds": round(time.perf_counter() - started, 2),
         },
         store=str(db.path) if db else None)

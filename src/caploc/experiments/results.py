@@ -239,6 +239,7 @@ class CompareResult(Result):
     overlap: int
     jaccard: float = math.nan
     spearman: float | None = None
+    spearman_heads: int | None = _optional()  # heads both runs scored (methods leave unmeasured heads NaN)
     note: str | None = _optional()
 
 

@@ -174,5 +174,10 @@ def compare(run_a: str | Path, run_b: str | Path, k: int | None = None) -> Compa
     elif a.head_scores and b.head_scores and len(a.head_scores) == len(b.head_scores):
         from scipy.stats import spearmanr
 
-        report.spearman = float(spearmanr(a.head_scores, b.head_scores).statistic)
+        # only heads both runs measured: refine and bounded greedy rounds leave the others NaN
+        scores = np.array([a.head_scores, b.head_scores], dtype=np.float64)
+        both = np.isfinite(scores).all(axis=0)
+        report.spearman_heads = int(both.sum())
+        if both.sum() >= 3:
+            report.spearman = float(spearmanr(scores[0, both], scores[1, both]).statistic)
     return report

@@ -56,8 +56,10 @@ class Objective:
         self.penalty = float(penalty)
         self.tolerance = None if tolerance is None else float(tolerance)
         self.n_heads = evaluator.n_heads
-        self.requested = 0  # masks this objective asked for (a method's budget, cached or not)
-        self._seen: dict[bytes, tuple[np.ndarray, list[np.ndarray]]] = {}
+        self.requested = 0  # masks this objective asked for on the target (a method's budget, cached or not)
+        self.control_requested = 0  # masks it asked for on the controls (every one, unless a method bounds them)
+        self._seen: dict[bytes, np.ndarray] = {}  # mask -> per-item target scores
+        self._seen_control: dict[bytes, list[np.ndarray]] = {}  # mask -> per control, per-item scores
         # per-item gradients, keyed by the set of heads held at 0 (empty: the unablated model)
         self._gradients: dict[frozenset, tuple[np.ndarray, list[np.ndarray]]] = {}
         self.weights: list[np.ndarray | None] = [None] * (1 + len(self.controls))  # bootstrap item weights
@@ -69,16 +71,24 @@ class Objective:
         return bool(self.controls)
 
     # -- per-item scores, kept ---------------------------------------------------------------------------
-    def item_scores(self, masks: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    def target_items(self, masks: np.ndarray) -> list[np.ndarray]:
         masks = np.asarray(masks, dtype=bool)
         self.requested += len(masks)
         target = self.evaluator.evaluate(masks).scores[self.metric]
+        for row, scores in zip(masks, target):
+            self._seen[row.tobytes()] = scores
+        return list(target)
+
+    def control_items(self, masks: np.ndarray) -> list[list[np.ndarray]]:
+        masks = np.asarray(masks, dtype=bool)
+        if not self.controls:
+            return [[] for _ in masks]
+        self.control_requested += len(masks)
         controls = [c.evaluate(masks).scores[m] for c, m in zip(self.controls, self.control_metrics)]
         out = []
         for j, row in enumerate(masks):
-            pair = (target[j], [c[j] for c in controls])
-            self._seen[row.tobytes()] = pair
-            out.append(pair)
+            self._seen_control[row.tobytes()] = [c[j] for c in controls]
+            out.append(self._seen_control[row.tobytes()])
         return out
 
     @property
@@ -91,22 +101,27 @@ class Objective:
     # -- responses -----------------------------------------------------------------------------------
     def scores(self, masks: np.ndarray) -> np.ndarray:
         """Mean target score under each mask."""
-        return np.array([_mean(t, self.weights[0]) for t, _ in self.item_scores(masks)])
+        return np.array([_mean(t, self.weights[0]) for t in self.target_items(masks)])
 
     def drops(self, masks: np.ndarray) -> np.ndarray:
         return self.baseline - self.scores(masks)
 
+    def control_drops(self, masks: np.ndarray) -> np.ndarray:
+        """Per mask, the mean relative drop over the control tasks."""
+        bases = self.control_baselines()
+        return np.array([np.mean([(b - _mean(c, w)) / (abs(b) or 1.0)
+                                  for c, b, w in zip(cs, bases, self.weights[1:])]) for cs in self.control_items(masks)])
+
     def responses(self, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Per mask: the target drop (metric units) and the control drop (mean relative drop over the
         control tasks; None without controls)."""
-        pairs = self.item_scores(masks)
-        target = self.baseline - np.array([_mean(t, self.weights[0]) for t, _ in pairs])
-        if not self.controls:
-            return target, None
-        bases = self.control_baselines()
-        control = np.array([np.mean([(b - _mean(c, w)) / (abs(b) or 1.0)
-                                     for c, b, w in zip(cs, bases, self.weights[1:])]) for _, cs in pairs])
-        return target, control
+        target = self.drops(masks)
+        return target, (self.control_drops(masks) if self.controls else None)
+
+    def upper_bound(self, target_drop: np.ndarray) -> np.ndarray:
+        """What the criterion can be at most, given the target drop alone: the control only ever subtracts."""
+        target_drop = np.asarray(target_drop, dtype=np.float64)
+        return target_drop / (abs(self.baseline) or 1.0) if self.controls else target_drop
 
     def specificity(self, target_drop: np.ndarray, control_drop: np.ndarray | None) -> np.ndarray:
         """The criterion methods maximize (module docstring); the plain target drop without controls."""
@@ -123,8 +138,9 @@ class Objective:
     def criterion(self, masks: np.ndarray) -> np.ndarray:
         return self.specificity(*self.responses(masks))
 
-    def evaluated(self, masks: np.ndarray) -> np.ndarray:
-        """Which masks this objective can answer (all of them; a resampled one only those already scored)."""
+    def evaluated(self, masks: np.ndarray, control: bool = False) -> np.ndarray:
+        """Which masks this objective can answer on the target (or, `control`, on the controls): all of them;
+        a resampled one only those the run scored."""
         return np.ones(len(masks), dtype=bool)
 
     def set_masks(self, head_sets) -> np.ndarray:
@@ -170,21 +186,29 @@ class ResampledObjective(Objective):
     def __init__(self, source: Objective, rng: np.random.Generator):  # no super().__init__: it would evaluate
         self.__dict__.update(source.__dict__)
         self.source = source
-        self.requested = 0
+        self.requested = self.control_requested = 0
         self.weights = [np.bincount(rng.integers(0, len(b), len(b)), minlength=len(b)).astype(np.float64)
                         for b in [source.baseline_items, *source.control_baseline_items]]
 
-    def item_scores(self, masks: np.ndarray):
+    def target_items(self, masks: np.ndarray) -> list[np.ndarray]:
+        return self._stored(masks, self.source._seen)
+
+    def control_items(self, masks: np.ndarray) -> list[list[np.ndarray]]:
+        return self._stored(masks, self.source._seen_control) if self.controls else [[] for _ in masks]
+
+    @staticmethod
+    def _stored(masks: np.ndarray, seen: dict) -> list:
         out = []
         for row in np.asarray(masks, dtype=bool):
-            pair = self.source._seen.get(row.tobytes())
-            if pair is None:
+            scores = seen.get(row.tobytes())
+            if scores is None:
                 raise NotEvaluated(np.flatnonzero(row).tolist())
-            out.append(pair)
+            out.append(scores)
         return out
 
-    def evaluated(self, masks: np.ndarray) -> np.ndarray:
-        return np.array([row.tobytes() in self.source._seen for row in np.asarray(masks, dtype=bool)], dtype=bool)
+    def evaluated(self, masks: np.ndarray, control: bool = False) -> np.ndarray:
+        seen = self.source._seen_control if control else self.source._seen
+        return np.array([row.tobytes() in seen for row in np.asarray(masks, dtype=bool)], dtype=bool)
 
     def item_gradients(self, ablated=()):
         key = _point(ablated)

@@ -8,9 +8,43 @@ import numpy as np
 from caploc.methods.base import Method, MethodResult, Objective
 
 
+CONTROL_BATCH = 4  # masks whose controls a bounded round evaluates at a time
+
+
 def _effects(objective: Objective, masks: np.ndarray):
     target, control = objective.responses(masks)
     return objective.specificity(target, control), target, control
+
+
+def _bounded_effects(objective: Objective, masks: np.ndarray):
+    """A greedy round keeps only the best mask by the criterion, and the criterion is at most what the target
+    drop alone gives (`Objective.upper_bound`: the control only subtracts). So the controls are evaluated in
+    order of that bound, CONTROL_BATCH masks at a time, until no remaining mask's bound reaches the best
+    criterion found: the round chooses what evaluating every control would choose (ties included), and masks
+    left out keep a NaN control drop and criterion. A bootstrap replay skips masks whose controls the run
+    did not evaluate."""
+    target = objective.drops(masks)
+    if not objective.has_control:
+        return target.copy(), target, None
+    bound = objective.upper_bound(target)
+    scores, control = np.full(len(masks), np.nan), np.full(len(masks), np.nan)
+    known = objective.evaluated(masks, control=True)
+    order = [int(j) for j in np.argsort(-bound, kind="stable") if known[j]]
+    best = -np.inf
+    for first in range(0, len(order), CONTROL_BATCH):
+        batch = [j for j in order[first:first + CONTROL_BATCH] if bound[j] >= best]
+        if not batch:
+            break
+        control[batch] = objective.control_drops(masks[batch])
+        scores[batch] = objective.specificity(target[batch], control[batch])
+        best = max(best, float(np.max(scores[batch])))
+    return scores, target, control
+
+
+def _order(scores: np.ndarray, target_bound: np.ndarray) -> np.ndarray:
+    """Positions by criterion, best first; those without one (controls not evaluated) after, by their bound."""
+    missing = np.isnan(scores)
+    return np.lexsort((-np.where(missing, target_bound, scores), missing))
 
 
 class OneShotGreedy(Method):
@@ -60,8 +94,11 @@ class Greedy(Method):
                 diverged = True
                 break
             candidates = [c for c, ok in zip(candidates, known) if ok]
-            scores, target, control = _effects(objective, masks[known])
-            order = [candidates[j] for j in np.argsort(-scores, kind="stable")]
+            scores, target, control = _bounded_effects(objective, masks[known])
+            if np.isnan(scores).all():  # a replay whose controls the run never evaluated here
+                diverged = True
+                break
+            order = [candidates[j] for j in _order(scores, objective.upper_bound(target))]
             if first is None:
                 first = (candidates, scores, target, control)
             best = order[0]
@@ -77,7 +114,7 @@ class Greedy(Method):
                                 head_scores=np.full(objective.n_heads, np.nan), score_name=_score_name(objective),
                                 details={"rounds": []})
         cand, scores, target, control = first
-        order = last_order if diverged else [cand[j] for j in np.argsort(-scores, kind="stable")]
+        order = last_order if diverged else [cand[j] for j in _order(scores, objective.upper_bound(target))]
         rest = [i for i in order if i not in chosen]
         head_scores = np.full(objective.n_heads, np.nan if self.candidates is not None else 0.0)
         head_scores[cand] = scores

@@ -46,7 +46,8 @@ class ScreenRefine(Method):
         exact = np.isfinite(refined.head_scores)
         # exact single-head measurements where refine made them, the screen's estimates elsewhere
         head_scores = np.where(exact, refined.head_scores, np.nan)
-        target = np.where(exact, refined.target_effects, screened.target_effects
+        measured = exact if refined.target_effects is None else np.isfinite(refined.target_effects)
+        target = np.where(measured, refined.target_effects, screened.target_effects
                           if screened.target_effects is not None else np.nan)
         control = None
         if refined.control_effects is not None:
