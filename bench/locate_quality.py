@@ -6,15 +6,18 @@ the benchmark then reports, per task and method:
   control-identification items, each x its tokens per mask (shared prefixes once), plus the tokens a
   gradient screen runs (three passes per token: a few-shot prefix shared by the items once, other rows
   whole); a logical cost, the same whether or not the store already held the masks;
-- held-out target drop (the identification metric, all k heads ablated) as % of greedy's;
-- held-out `general` accuracy drop (points) of the same heads, on general items no method saw;
+- held-out target drop (the identification metric, all k heads ablated) as % of greedy's, and the held-out
+  accuracy drop (points);
+- held-out `general` accuracy drop (points) of the same heads, on every general item that no seed's control
+  sets (identification or validation) hold, and the relative drop of its answer log-probability;
+- held-out `text` damage: the relative drop of the log-probability of 40 chunks of prose (language modelling);
 - cross-seed top-k overlap (mean over seed pairs) and the mean bootstrap selection frequency of the top-k;
 - induction: how many of the top-k are among the 10 highest prefix-matching heads (a non-ablation truth).
 
 Methods run as the paper defines them (no control: greedy, 1s-greedy, csb, css, atp) and as caploc's
 control-aware default (`refine`, control `general`), plus any --extra refine variants.
 
-Usage: python bench/locate_quality.py [--tasks arithmetic,induction,ioi] [--seeds 0,1,2] [--n 20]
+Usage: python bench/locate_quality.py [--tasks arithmetic,induction,ioi] [--seeds 0,1,2] [--n 40]
        [--greedy-seeds 0] [--json bench/locate_quality.json]
 """
 
@@ -31,6 +34,7 @@ import numpy as np
 from caploc import load_model, locate
 from caploc.evaluator import Evaluator
 from caploc.experiments.evaluate import prefix_matching_scores
+from caploc.experiments.locate import DEFAULT_N_CONTROL
 from caploc.stats import paired_drop
 from caploc.store import EvalStore
 from caploc.tasks import get_task
@@ -48,10 +52,11 @@ def main():
     parser.add_argument("--methods", default="refine,csb,css,atp,1s-greedy,greedy")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--greedy-seeds", default="0", help="iterative greedy is the costliest reference")
-    parser.add_argument("--n", type=int, default=20, help="identification items")
-    parser.add_argument("--n-validate", type=int, default=20)
-    parser.add_argument("--n-control", type=int, default=8, help="control (general) identification items")
-    parser.add_argument("--n-general", type=int, default=40, help="held-out general items for the control drop")
+    parser.add_argument("--n", type=int, default=40, help="identification items")
+    parser.add_argument("--n-validate", type=int, default=40)
+    parser.add_argument("--n-control", type=int, default=None, help="control identification items (locate's "
+                        "default when not given)")
+    parser.add_argument("--n-text", type=int, default=40, help="held-out prose chunks for the text damage")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--bootstrap", type=int, default=100)
     parser.add_argument("--extra", default="", help="refine variants, e.g. 'css:16,atp:24' (screen:candidates)")
@@ -64,10 +69,20 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     greedy_seeds = [int(s) for s in args.greedy_seeds.split(",")]
     general = get_task("general")
-    general_items = general.items(args.n_general, seed=0, offset=200)  # beyond every control set used
+    # every general item no seed's control sets use (identification and validation, as locate draws them)
+    n_control = args.n_control or min(args.n, DEFAULT_N_CONTROL)
+    used = set()
+    for seed in set(seeds) | set(greedy_seeds):
+        used |= {i.id for i in general.items(n_control, seed)}
+        used |= {i.id for i in general.items(args.n_validate, seed, offset=n_control)}
+    general_items = [i for i in general.pool(0, 10 ** 6) if i.id not in used]
     general_eval = Evaluator(lm, general, general_items, store=store)
     general_base = general_eval.baseline().scores["acc"][0]
     general_base_lp = general_eval.baseline().scores["logprob"][0]
+    text = get_task("text")
+    text_eval = Evaluator(lm, text, text.items(args.n_text, seed=0), store=store)  # no method's control here
+    text_base = text_eval.baseline().scores["logprob"][0]
+    print(f"held-out general items: {len(general_items)}; text chunks: {args.n_text}", flush=True)
     configs = []
     for name in args.methods.split(","):
         if name == "refine":
@@ -93,11 +108,13 @@ def main():
                 run = locate(lm, task, k=args.k, n=args.n, n_validate=args.n_validate, seed=seed,
                              n_control=args.n_control, bootstrap=args.bootstrap, store=store, **config)
                 top = run.top_heads(args.k)
-                general_scores = general_eval.evaluate([[lm.layout.index(lm.layout.parse(h)) for h in top]])
+                heads = [[lm.layout.index(lm.layout.parse(h)) for h in top]]
+                general_scores = general_eval.evaluate(heads)
                 general_drop = paired_drop(general_base, general_scores.scores["acc"][0])
                 # accuracy can hide damage (every choice's likelihood collapses alike): the answer's
                 # log-probability shows it
                 general_lp = paired_drop(general_base_lp, general_scores.scores["logprob"][0])
+                text_drop = paired_drop(text_base, text_eval.evaluate(heads).scores["logprob"][0])
                 metric = run.metric
                 # logical cost, independent of what the store already held (locate's budget): masks asked
                 # for x tokens per mask, target and control apart, plus the tokens the gradients ran
@@ -108,6 +125,9 @@ def main():
                              "evaluations": run.budget["evaluations"], "tokens_per_evaluation": per_mask,
                              "target_drop": run.validation[metric][-1]["drop"],
                              "target_baseline": run.validation[metric][-1]["baseline"],
+                             "target_acc_drop": run.validation["acc"][-1]["drop"],
+                             "target_acc_baseline": run.validation["acc"][-1]["baseline"],
+                             "text_relative_drop": text_drop["relative_drop"],
                              "general_drop": general_drop["drop"], "general_drop_low": general_drop["drop_low"],
                              "general_drop_high": general_drop["drop_high"],
                              "general_logprob_drop": general_lp["drop"],
@@ -129,7 +149,11 @@ def main():
             row = {"task": task_name, "method": label, "seeds": len(runs),
                    "tokens": float(np.mean([r["tokens"] for r in runs])),
                    "target_drop": float(np.mean([r["target_drop"] for r in runs])),
+                   "target_acc_drop_pts": 100 * float(np.mean([r["target_acc_drop"] for r in runs])),
                    "general_drop_pts": 100 * float(np.mean([r["general_drop"] for r in runs])),
+                   "general_logprob_relative_drop": float(np.mean([r["general_logprob_relative_drop"]
+                                                                   for r in runs])),
+                   "text_relative_drop": float(np.mean([r["text_relative_drop"] for r in runs])),
                    "cross_seed_overlap": overlap,
                    "frequency": (float(np.mean([r["frequency"] for r in runs]))
                                  if runs[0]["frequency"] is not None else None)}
@@ -156,13 +180,16 @@ def print_table(rows, k):
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
-    print(f"| task | method | seeds | tokens / greedy's | held-out target drop (% greedy) | held-out general drop "
-          f"(pts; - greedy's) | cross-seed top-{k} overlap | mean selection frequency | induction: in prefix top-10 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| task | method | seeds | tokens / greedy's | held-out target drop (% greedy) | target acc drop (pts) | "
+          f"held-out general drop: acc pts (- greedy's) / logprob | text damage | cross-seed top-{k} overlap | "
+          f"mean selection frequency | induction: in prefix top-10 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['task']} | {r['method']} | {r['seeds']} | {fmt(r.get('tokens_vs_greedy'), '.3f')} | "
               f"{r['target_drop']:.2f} ({fmt(r.get('target_drop_pct_greedy'), '.0f')}%) | "
-              f"{r['general_drop_pts']:.1f} ({fmt(r.get('general_drop_minus_greedy_pts'), '+.1f')}) | "
+              f"{r['target_acc_drop_pts']:.1f} | "
+              f"{r['general_drop_pts']:.1f} ({fmt(r.get('general_drop_minus_greedy_pts'), '+.1f')}) / "
+              f"{100 * r['general_logprob_relative_drop']:.0f}% | {100 * r['text_relative_drop']:.1f}% | "
               f"{fmt(r['cross_seed_overlap'], '.1f')} | {fmt(r['frequency'], '.2f')} | "
               f"{fmt(r.get('in_prefix_top10'), '.1f')} |")
 

@@ -94,21 +94,49 @@ def test_greedy_evaluates_the_controls_only_where_they_can_change_its_choice(see
     assert np.isfinite(result.target_effects).all() and np.isnan(result.control_effects).any()
 
 
+def test_improving_one_control_does_not_pay_for_damage_to_another():
+    """Head 5 costs control A 30% of its score and improves control B by as much; head 9 does nothing to
+    either. The control damage of head 5 is the mean of (30%, 0), not 0, exactly and in the gradient estimate,
+    so a method choosing between the two target-equal heads takes head 9."""
+    target, a, b = np.zeros(N_HEADS), np.zeros(N_HEADS), np.zeros(N_HEADS)
+    target[[5, 9]] = 0.5
+    a[5], b[5] = 0.9, -0.9  # base -3: a relative drop of 0.3 on A, an improvement of 0.3 on B
+    objective = Objective(PlantedResponses(target, name="target"), "logprob",
+                          [PlantedResponses(a, base=-3.0, seed=1, name="a"),
+                           PlantedResponses(b, base=-3.0, seed=2, name="b")])
+    _, damage = objective.responses(objective.set_masks([[5], [9]]))
+    relative = 0.9 * objective.controls[0].item_gain.mean() / abs(objective.control_baselines()[0])
+    np.testing.assert_allclose(damage, [relative / 2, 0.0])
+    _, estimated = objective.estimated_drops()
+    np.testing.assert_allclose(estimated[[5, 9]], [relative / 2, 0.0])
+    assert OneShotGreedy().run(objective, k=1).top(1) == [9]
+
+
 def test_penalty_zero_is_the_plain_ranking_and_the_criterion_is_documented():
     target, control = _planted_pair()
     objective = Objective(target, "logprob", [control], penalty=0.0, tolerance=np.inf)
     masks = objective.set_masks([[UNSPECIFIC], [SPECIFIC[0]], [20]])
     t, c = objective.responses(masks)
-    np.testing.assert_allclose(objective.specificity(t, c), t / abs(objective.baseline))
+
+    def share(drop, baseline):  # the saturating share of the target removed (methods.base)
+        return 1 - np.exp(-drop / abs(baseline))
+
+    np.testing.assert_allclose(objective.specificity(t, c), share(t, objective.baseline))
+    assert np.all(np.argsort(objective.specificity(t, c)) == np.argsort(t))  # penalty 0: the plain ranking
     strict = Objective(target, "logprob", [control], penalty=2.0, tolerance=np.inf)
     spec = strict.specificity(t, c)
-    np.testing.assert_allclose(spec, t / abs(strict.baseline) - 2.0 * np.maximum(c, 0))
+    np.testing.assert_allclose(spec, share(t, strict.baseline) - 2.0 * np.maximum(c, 0))
     assert c[2] > 0 and spec[2] < 0  # a head that only hurts the control scores below zero
+    # saturation: however far a set breaks the target, it cannot buy control damage beyond its share's bound
+    free = Objective(target, "logprob", [control], penalty=1.0)
+    b = abs(free.baseline)
+    assert free.specificity(np.array([50.0 * b, 2.0 * b]), np.array([0.5, 0.0])).argmax() == 1
+    np.testing.assert_allclose(free.specificity(np.array([1e-6 * b]), np.array([0.0])), [1e-6], rtol=1e-5)
     # the tolerance: past it, the control decides, whatever the target drop
     tolerant = Objective(target, "logprob", [control], penalty=1.0, tolerance=0.1)
     bounded = tolerant.specificity(t, c)
     within = c <= 0.1
-    np.testing.assert_allclose(bounded[within], (t / abs(tolerant.baseline) - np.maximum(c, 0))[within])
+    np.testing.assert_allclose(bounded[within], (share(t, tolerant.baseline) - np.maximum(c, 0))[within])
     assert c[0] > 0.1 and bounded[0] < bounded[1]  # the unspecific head now ranks below a specific one
     huge = tolerant.specificity(np.array([50.0, 0.5]), np.array([0.2, 0.0]))
     assert huge[0] < huge[1]  # no target drop buys control damage beyond the tolerance

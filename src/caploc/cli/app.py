@@ -46,10 +46,10 @@ def locate(
     k: int = typer.Option(5, "--k", help="number of heads to report and validate"),
     n: o.N = 100, seed: o.Seed = 0,
     control: str = typer.Option(CONTROL_DEFAULT, "--control", help="control task(s) evaluated on every mask; heads "
-                                "are chosen by target drop minus --penalty x control drop; 'none' for the paper's "
-                                "plain objective"),
-    n_control: Optional[int] = typer.Option(None, "--n-control", help="control identification items (default: min(--n, 12))"),
-    penalty: float = typer.Option(DEFAULT_PENALTY, "--penalty", help="weight of the control's relative drop"),
+                                "are chosen by the share of the target removed minus --penalty x the controls' "
+                                "damage ('text': prose language modelling); 'none' for the paper's plain objective"),
+    n_control: Optional[int] = typer.Option(None, "--n-control", help="control identification items (default: min(--n, 24))"),
+    penalty: float = typer.Option(DEFAULT_PENALTY, "--penalty", help="weight of the controls' damage (relative drop)"),
     tolerance: Optional[float] = typer.Option(DEFAULT_TOLERANCE, "--control-tolerance",
                                               help="optional: the control's relative drop a head set may cost "
                                                    "before it ranks below every set within it (use with a large "

@@ -258,7 +258,7 @@ def compress(model: str | LoadedModel = DEFAULT_MODEL, target: float = 0.3,
     removed = {a: allocate(a, target, d, w, layout.n_layers, layout.n_heads) for a in allocations}
     masks = [[]] + [removed[a] for a in allocations]
     db = open_store(store)
-    text = TextPerplexity()
+    text = TextPerplexity(chunk_chars=600)  # longer chunks than the control task's: perplexity of passages
     evaluations = {}
     for task in [text] + build_tasks(parse_task_list(tasks), task_options, None):
         with Evaluator(lm, task, task.items(n, seed), store=db, progress=progress) as evaluator:

@@ -74,8 +74,10 @@ class Greedy(Method):
     def __init__(self, candidates: list[int] | None = None):
         self.candidates = None if candidates is None else [int(i) for i in candidates]
 
-    def pool(self, objective: Objective, chosen: list[int], last_order: list[int]) -> list[int]:
-        """The heads a round tries on top of `chosen` (`last_order`: the previous round's exact order)."""
+    def pool(self, objective: Objective, chosen: list[int], last_order: list[int],
+             last_round: dict | None) -> list[int]:
+        """The heads a round tries on top of `chosen` (`last_order`: the previous round's exact order,
+        `last_round`: its record, with the exact cumulative drops of `chosen`)."""
         return list(range(objective.n_heads)) if self.candidates is None else list(self.candidates)
 
     def run(self, objective: Objective, k: int) -> MethodResult:
@@ -85,7 +87,8 @@ class Greedy(Method):
         diverged = False
         last_order: list[int] = []
         for _ in range(k):
-            candidates = [i for i in self.pool(objective, chosen, last_order) if i not in chosen]
+            candidates = [i for i in self.pool(objective, chosen, last_order, rounds[-1] if rounds else None)
+                          if i not in chosen]
             if not candidates:
                 break
             masks = objective.set_masks([chosen + [i] for i in candidates])
@@ -109,7 +112,7 @@ class Greedy(Method):
             chosen.append(best)
             last_order = order
         if first is None:  # a replay that could evaluate nothing: the candidates in the order given
-            pool = self.pool(objective, [], [])
+            pool = self.pool(objective, [], [], None)
             return MethodResult(ranking=pool + [i for i in range(objective.n_heads) if i not in pool],
                                 head_scores=np.full(objective.n_heads, np.nan), score_name=_score_name(objective),
                                 details={"rounds": []})

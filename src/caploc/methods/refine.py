@@ -74,13 +74,20 @@ class _RescreenedGreedy(Greedy):
         super().__init__(first)
         self.n_candidates = n_candidates
 
-    def pool(self, objective: Objective, chosen: list[int], last_order: list[int]) -> list[int]:
+    def pool(self, objective: Objective, chosen: list[int], last_order: list[int],
+             last_round: dict | None) -> list[int]:
         if not chosen:
             return list(self.candidates)
         try:
-            scores = objective.specificity(*objective.estimated_drops(chosen))
+            target, control = objective.estimated_drops(chosen)
         except NotEvaluated:  # a bootstrap replay off the run's path: whatever the run evaluated decides
             return list(range(objective.n_heads))
+        # the criterion is not linear in the drops (its target share saturates): rank each candidate at the
+        # point it would reach, the chosen set's exact drops plus its estimated marginal ones
+        target = target + last_round["cumulative_drop"]
+        if control is not None:
+            control = control + last_round["cumulative_control_drop"]
+        scores = objective.specificity(target, control)
         scores[chosen] = -np.inf
         nominated = [int(i) for i in np.argsort(-scores, kind="stable")[: self.n_candidates]]
         kept = [i for i in last_order if i not in chosen][: max(1, self.n_candidates // 4)]

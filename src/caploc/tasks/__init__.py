@@ -19,6 +19,7 @@ from caploc.tasks.ioi import IOI
 from caploc.tasks.multiple_choice import General, UserChoiceTask
 from caploc.tasks.rhyme import Rhyme
 from caploc.tasks.swear import Swear
+from caploc.tasks.text import TextPerplexity
 from caploc.tasks.user import UserTargetTask, user_task
 
 TASKS: dict[str, type[Task]] = {
@@ -27,7 +28,7 @@ TASKS: dict[str, type[Task]] = {
     "mmlu": MMLU, "piqa": PIQA, "winogrande": WinoGrande, "openbookqa": OpenBookQA, "commonsense_qa": CommonsenseQA,
     "sciq": SciQ, "lambada_openai": LambadaOpenAI, "truthfulqa_mc1": TruthfulQAMC1, "truthfulqa_mc2": TruthfulQAMC2,
     "wmdp_bio": WMDPBio, "wmdp_chem": WMDPChem, "wmdp_cyber": WMDPCyber, "general": General,
-    "induction": Induction, "ioi": IOI,
+    "induction": Induction, "ioi": IOI, "text": TextPerplexity,
 }
 # general-capability tasks: averaged into the "general" figure of a specificity report
 GENERAL_TASKS = ("general", "hellaswag", "arc_challenge", "arc_easy", "boolq", "mmlu", "piqa", "winogrande",
@@ -67,4 +68,4 @@ __all__ = ["Item", "Task", "TargetTask", "MultipleChoiceTask", "GenerationTask",
            "GENERAL_TASKS", "get_task", "Arithmetic", "GSM8K", "HumanEval", "MBPP", "Swear", "Rhyme", "HellaSwag",
            "ARCChallenge", "ARCEasy", "BoolQ", "MMLU", "PIQA", "WinoGrande", "OpenBookQA", "CommonsenseQA", "SciQ",
            "LambadaOpenAI", "TruthfulQAMC1", "TruthfulQAMC2", "WMDPBio", "WMDPChem", "WMDPCyber", "General",
-           "UserChoiceTask", "UserTargetTask", "Induction", "IOI"]
+           "UserChoiceTask", "UserTargetTask", "Induction", "IOI", "TextPerplexity"]

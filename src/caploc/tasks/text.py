@@ -1,10 +1,12 @@
 """Offline text for token streams and perplexity: the documentation topics that ship with CPython
 (`pydoc_data.topics`, about 465k characters of English prose and code from the Python reference manual).
 
-`text_stream()` is the ordered text; `TextPerplexity` scores chunks of it as known targets (the chunk after
-its first words), so perplexity = exp(-sum of target log-probabilities / target tokens) goes through the
-one evaluator like any task. Chunks come from the stream's last `held_out` share, which SAE training
-(caploc.cgc) never reads.
+`text_stream()` is the ordered text; `TextPerplexity` (task `text`) scores chunks of it as known targets (the
+chunk after its first words), so perplexity = exp(-sum of target log-probabilities / target tokens) goes
+through the one evaluator like any task. Chunks come from the stream's last `held_out` share, which SAE
+training (caploc.cgc) never reads. As a control task (`locate --control general,text`) it measures what
+multiple-choice answers do not: whether the model still models ordinary prose. Heads that process tokens
+for every task (layers 0-2 here) cost little on `general` and a lot on `text`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class TextPerplexity(TargetTask):
     name = "text"
     default_metric = "logprob"
 
-    def __init__(self, chunk_chars: int = 600):
+    def __init__(self, chunk_chars: int = 200):  # about 45 tokens of SmolLM2 per chunk
         super().__init__(shots=0, chat=False)
         self.chunk_chars = chunk_chars
         _, held_out = split_stream()
