@@ -15,7 +15,9 @@ the benchmark then reports, per task and method:
 - induction: how many of the top-k are among the 10 highest prefix-matching heads (a non-ablation truth).
 
 Methods run as the paper defines them (no control: greedy, 1s-greedy, csb, css, atp) and as caploc's
-control-aware default (`refine`, control `general`), plus any --extra refine variants.
+control-aware default (`refine`, control `general`), plus any --extra refine variants; `greedy+control` is
+iterative greedy under the default's criterion (refine over every head), run on --greedy-seeds like greedy.
+Percentages are of the paper's greedy.
 
 Usage: python bench/locate_quality.py [--tasks arithmetic,induction,ioi] [--seeds 0,1,2] [--n 40]
        [--greedy-seeds 0] [--json bench/locate_quality.json]
@@ -49,7 +51,7 @@ def main():
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--tasks", default="arithmetic,induction,ioi")
-    parser.add_argument("--methods", default="refine,csb,css,atp,1s-greedy,greedy")
+    parser.add_argument("--methods", default="refine,csb,css,atp,1s-greedy,greedy,greedy+control")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--greedy-seeds", default="0", help="iterative greedy is the costliest reference")
     parser.add_argument("--n", type=int, default=40, help="identification items")
@@ -87,6 +89,8 @@ def main():
     for name in args.methods.split(","):
         if name == "refine":
             configs.append(("refine (default, control general)", dict(method="refine", control="general")))
+        elif name == "greedy+control":  # greedy under the default's criterion: what refine restricts
+            configs.append(("greedy (control general)", dict(method="greedy", control="general")))
         else:
             configs.append((name, dict(method=name, control="none", **PAPER_METHODS[name])))
     for variant in filter(None, args.extra.split(",")):

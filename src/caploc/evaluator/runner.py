@@ -13,8 +13,8 @@ Generation runs caploc's own greedy loop with left padding; all masks of an item
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 
