@@ -154,7 +154,7 @@ def main():
     parser.add_argument("--masks", type=int, default=64)
     parser.add_argument("--heads-per-mask", type=int, default=5)
     parser.add_argument("--seed-style-masks", type=int, default=3)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto")  # caploc's default: bf16 where the CPU runs it natively
     parser.add_argument("--sweep-masks", type=int, default=60, help="single-head masks timed (of 270), spread "
                         "evenly over the layers")
     parser.add_argument("--gen-items", type=int, default=6)

@@ -48,7 +48,8 @@ def locate(
     control: str = typer.Option(CONTROL_DEFAULT, "--control", help="control task(s) evaluated on every mask; heads "
                                 "are chosen by the share of the target removed minus --penalty x the controls' "
                                 "damage ('text': prose language modelling); 'none' for the paper's plain objective"),
-    n_control: Optional[int] = typer.Option(None, "--n-control", help="control identification items (default: min(--n, 24))"),
+    n_control: Optional[int] = typer.Option(None, "--n-control",
+                                            help="control identification items (default: min(--n, 24))"),
     penalty: float = typer.Option(DEFAULT_PENALTY, "--penalty", help="weight of the controls' damage (relative drop)"),
     tolerance: Optional[float] = typer.Option(DEFAULT_TOLERANCE, "--control-tolerance",
                                               help="optional: the control's relative drop a head set may cost "

@@ -185,7 +185,8 @@ def _effects(result, objective: Objective) -> dict:
         return None if values is None else [float(v) for v in np.asarray(values, dtype=np.float64)]
 
     return {"target": listed(result.target_effects), "control": listed(result.control_effects),
-            "target_units": f"{objective.metric} drop", "control_units": "control damage: mean over the controls of the relative drop, an improvement as 0"}
+            "target_units": f"{objective.metric} drop",
+            "control_units": "control damage: mean over the controls of the relative drop, an improvement as 0"}
 
 
 def _has_gradients(task: Task, metric: str, controls: list[Task]) -> bool:

@@ -9,19 +9,19 @@ relative drop of one or more control tasks' metrics on the same masks, and combi
 where control_drop is the mean over control tasks of max(drop / |baseline|, 0): the share of the capability a
 head set removes, minus `penalty` times the share of the control capabilities it removes (improving a control
 earns nothing, and does not pay for damage to another: with `general,text` a set of early heads improved
-`general` by 4% and cost `text` 5%, and a signed mean called that 0.3%). The target's share saturates: it equals the relative drop for small drops and never exceeds
-1, because a log-probability's relative drop is unbounded, and linearly it let breaking a capability ever
-further buy any damage elsewhere: on induction (baseline -1.95 nats) three layer-1 heads take the answer to
--13 nats (relative drop 5.6) while costing 81% of `general`'s answer log-probability and 32 accuracy points,
-and outscored the five top prefix-matching heads, which take induction accuracy from 0.62 to 0 for 1.7
-points of `general` (relative drop 2.3). Saturated, breaking a capability is worth at most 1 and the control
-decides between sets that break it. `tolerance` (off by default) makes the control a constraint as well: a
-head set that costs the control more than that share is ranked below every set that does not, however much
-target it removes, and among such sets the smaller excess ranks first; measured on 8 control items it
-followed their noise, so it is opt-in, for large control sets. Without a control task the criterion is the
-plain target drop, the paper's objective. Every
-per-item score the objective sees is kept, so `resampled()` can replay a method on bootstrap resamples of the
-items without a new model call.
+`general` by 4% and cost `text` 5%, and a signed mean called that 0.3%). The target's share saturates: it
+equals the relative drop for small drops and never exceeds 1, because a log-probability's relative drop is
+unbounded, and linearly it let breaking a capability ever further buy any damage elsewhere: on induction
+(baseline -1.95 nats) three layer-1 heads take the answer to -13 nats (relative drop 5.6) while costing 81%
+of `general`'s answer log-probability and 32 accuracy points, and outscored the five top prefix-matching
+heads, which take induction accuracy from 0.62 to 0 for 1.7 points of `general` (relative drop 2.3).
+Saturated, breaking a capability is worth at most 1 and the control decides between sets that break it.
+`tolerance` (off by default) makes the control a constraint as well: a head set that costs the control more
+than that share is ranked below every set that does not, however much target it removes, and among such
+sets the smaller excess ranks first; measured on 8 control items it followed their noise, so it is opt-in,
+for large control sets. Without a control task the criterion is the plain target drop, the paper's
+objective. Every per-item score the objective sees is kept, so `resampled()` can replay a method on
+bootstrap resamples of the items without a new model call.
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ class Objective:
         improvement counting as 0."""
         bases = self.control_baselines()
         return np.array([np.mean([max((b - _mean(c, w)) / (abs(b) or 1.0), 0.0)
-                                  for c, b, w in zip(cs, bases, self.weights[1:])]) for cs in self.control_items(masks)])
+                                  for c, b, w in zip(cs, bases, self.weights[1:])])
+                         for cs in self.control_items(masks)])
 
     def responses(self, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Per mask: the target drop (metric units) and the control damage (`control_drops`; None without
