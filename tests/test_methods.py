@@ -169,3 +169,16 @@ def test_interrupted_run_resumes_without_recomputing(planted, tmp_path, monkeypa
     assert again["budget"]["computed_evaluations"] == 0
     assert again["ranking"] == reference["ranking"]
     assert (tmp_path / "run" / "result.json").exists()
+
+
+def test_refine_candidates_default_per_screen():
+    from caploc.methods import DEFAULT_CANDIDATES, ScreenRefine, make_method
+
+    # AtP is re-taken at every round's ablation and keeps a short list; a regression screen, taken once, a wider one
+    assert DEFAULT_CANDIDATES["atp"] < DEFAULT_CANDIDATES["csb"] == DEFAULT_CANDIDATES["css"]
+    for screen in ("atp", "csb", "css"):
+        method = make_method("refine", screen=screen)
+        assert isinstance(method, ScreenRefine)
+        assert method.params()["n_candidates"] == DEFAULT_CANDIDATES[screen]
+        assert method.params()["screen"] == screen
+    assert make_method("refine", screen="csb", n_candidates=5).params()["n_candidates"] == 5

@@ -98,3 +98,16 @@ def test_density_and_wanda_for_every_head_of_the_embedded_model(smollm):
     assert len(report["density"]) == len(report["wanda"]) == 270
     assert all(0 <= v <= 1 for v in report["density"]) and all(v > 0 for v in report["wanda"])
     assert np.isfinite(report["spearman_density_wanda"])
+
+
+def test_a_task_the_model_barely_does_is_said_in_one_line(smollm):
+    from caploc.api import evaluate
+
+    # 5-digit addition: SmolLM2-135M gets none right; IOI it does (baseline ~0.9)
+    hard = evaluate(smollm, "arithmetic", n=20, subtask="5D+")
+    assert hard.metrics["acc"]["baseline"] < 0.1
+    said = [w for w in hard.warnings if "barely does arithmetic" in w]
+    assert len(said) == 1 and "\n" not in said[0] and "logprob" in said[0]
+    capable = evaluate(smollm, "ioi", n=20)
+    assert capable.metrics["acc"]["baseline"] >= 0.5
+    assert not [w for w in capable.warnings if "barely" in w]

@@ -10,8 +10,8 @@ from caploc import api
 from caploc.cli import options as o
 from caploc.cli import render
 from caploc.experiments.locate import CONTROL_DEFAULT, DEFAULT_BOOTSTRAP
-from caploc.methods import (DEFAULT_CANDIDATES, DEFAULT_MASKS, DEFAULT_METHOD, DEFAULT_PENALTY, DEFAULT_SCREEN,
-                            DEFAULT_SPARSITY, DEFAULT_TOLERANCE, METHODS)
+from caploc.methods import (DEFAULT_MASKS, DEFAULT_METHOD, DEFAULT_PENALTY, DEFAULT_SCREEN, DEFAULT_SPARSITY,
+                            DEFAULT_TOLERANCE, METHODS)
 from caploc.models import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -56,7 +56,9 @@ def locate(
                                                    "before it ranks below every set within it (use with a large "
                                                    "--n-control)"),
     screen: str = typer.Option(DEFAULT_SCREEN, "--screen", help="refine: the screen (atp, csb, css)"),
-    n_candidates: int = typer.Option(DEFAULT_CANDIDATES, "--candidates", help="refine: candidates greedy decides among"),
+    n_candidates: Optional[int] = typer.Option(None, "--candidates", help="refine: candidates greedy decides among "
+                                               "(default 8 with the atp screen, re-taken every round; 16 with "
+                                               "csb or css)"),
     bootstrap: int = typer.Option(DEFAULT_BOOTSTRAP, "--bootstrap", help="item resamples for selection frequencies "
                                   "(no new model calls; 0 to skip)"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="comma-separated seeds: run each, report recurrence"),
