@@ -29,7 +29,9 @@ import torch
 
 from caploc import load_model
 from caploc.evaluator import Evaluator
+from caploc.evaluator.batches import pad_batch
 from caploc.evaluator.partial import Support
+from caploc.evaluator.runner import _returned_cache
 from caploc.sites import head_site
 from caploc.tasks import get_task
 
@@ -81,10 +83,7 @@ def plain_forward_rate(model, sequences, rows_per_pass, passes, pad_id):
     """Unhooked HF forward, right padded, same sequences: logical tokens per second."""
     tokens, start = 0, time.perf_counter()
     batch = (sequences * (rows_per_pass // len(sequences) + 1))[:rows_per_pass]
-    width = max(len(s) for s in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    for r, s in enumerate(batch):
-        ids[r, : len(s)] = torch.tensor(s)
+    ids, _ = pad_batch(batch, pad_id)
     for _ in range(passes):
         model(input_ids=ids, logits_to_keep=4)
         tokens += sum(len(s) for s in batch)
@@ -100,16 +99,14 @@ def plain_rows_rate(lm, evaluator, rows_per_pass, passes):
     prefix = seqs[0].prefix
     batch = (seqs * (rows_per_pass // len(seqs) + 1))[:rows_per_pass]
     inputs = [s.context + s.continuation[:-1] for s in batch]
-    width = max(map(len, inputs))
-    ids = torch.full((len(batch), width), lm.tokenizer.pad_token_id, dtype=torch.long)
-    for r, x in enumerate(inputs):
-        ids[r, :len(x)] = torch.tensor(x)
+    ids, _ = pad_batch(inputs, lm.tokenizer.pad_token_id)
+    width = ids.shape[1]
     keep = torch.arange(min(len(s.context) for s in batch) - 1, width)
     positions = (torch.arange(width) + len(prefix))[None].expand(len(batch), -1)
     tokens, start = 0, time.perf_counter()
     for _ in range(passes):
-        out = lm.model(input_ids=torch.tensor([list(prefix)]), use_cache=True, logits_to_keep=1)
-        cache = out["cache"] if "cache" in out else out.past_key_values
+        cache = _returned_cache(lm.model(input_ids=torch.tensor([list(prefix)]), use_cache=True,
+                                         logits_to_keep=1))
         cache.batch_repeat_interleave(len(batch))
         lm.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=keep,
                  **{evaluator.runner._cache_name: cache})  # the argument's name in this transformers

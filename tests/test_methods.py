@@ -10,8 +10,8 @@ from caploc.api import locate
 from caploc.evaluator import Evaluator
 from caploc.components import Head
 from caploc.sites import head_site
-from caploc.methods import (CompressedSensing, Greedy, HyperSearch, Objective, OneShotGreedy, bernoulli_design,
-                            stratified_design)
+from caploc.methods import (DEFAULT_CANDIDATES, CompressedSensing, Greedy, HyperSearch, Objective, OneShotGreedy,
+                            ScreenRefine, bernoulli_design, make_method, stratified_design)
 from caploc.store import EvalStore
 from caploc.tasks.base import Item, TargetTask
 from tiny import byte_tokenizer
@@ -172,8 +172,6 @@ def test_interrupted_run_resumes_without_recomputing(planted, tmp_path, monkeypa
 
 
 def test_refine_candidates_default_per_screen():
-    from caploc.methods import DEFAULT_CANDIDATES, ScreenRefine, make_method
-
     # AtP is re-taken at every round's ablation and keeps a short list; a regression screen, taken once, a wider one
     assert DEFAULT_CANDIDATES["atp"] < DEFAULT_CANDIDATES["csb"] == DEFAULT_CANDIDATES["css"]
     for screen in ("atp", "csb", "css"):
