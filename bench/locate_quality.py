@@ -61,7 +61,8 @@ def main():
     parser.add_argument("--n-text", type=int, default=40, help="held-out prose chunks for the text damage")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--bootstrap", type=int, default=100)
-    parser.add_argument("--extra", default="", help="refine variants, e.g. 'css:16,atp:24' (screen:candidates)")
+    parser.add_argument("--extra", default="", help="refine variants, e.g. 'css:16,atp:24,atp:8:2' "
+                        "(screen:candidates[:exchange passes])")
     parser.add_argument("--store", default="bench/locate_quality.sqlite")
     parser.add_argument("--json", default="bench/locate_quality.json")
     args = parser.parse_args()
@@ -94,9 +95,11 @@ def main():
         else:
             configs.append((name, dict(method=name, control="none", **PAPER_METHODS[name])))
     for variant in filter(None, args.extra.split(",")):
-        screen, m = variant.split(":")
-        configs.append((f"refine {screen} M={m} (control general)",
-                        dict(method="refine", control="general", screen=screen, n_candidates=int(m))))
+        screen, m, *passes = variant.split(":")
+        passes = int(passes[0]) if passes else 0
+        configs.append((f"refine {screen} M={m}{f' exchange {passes}' if passes else ''} (control general)",
+                        dict(method="refine", control="general", screen=screen, n_candidates=int(m),
+                             exchange=passes)))
     prefix_top10 = None
     rows, raw = [], {}
     for task_name in args.tasks.split(","):
@@ -137,6 +140,10 @@ def main():
                              "general_logprob_drop": general_lp["drop"],
                              "general_logprob_relative_drop": general_lp["relative_drop"],
                              "frequency": run.stability.get("top_k_mean_frequency"),
+                             # refine's exchange passes: the best swap each proposed, its support, whether kept
+                             "exchanges": [{"proposed": [str(lm.layout.head(i)) for i in e["proposed"]],
+                                            "support": e["support"], "kept": e["swap"] is not None}
+                                           for e in (run.details or {}).get("exchanges", []) if "proposed" in e],
                              "seconds": round(time.perf_counter() - started, 1)})
                 print(f"{task_name} {label} seed {seed}: {top} target drop {runs[-1]['target_drop']:.3f} "
                       f"general drop {100 * general_drop['drop']:.1f} pts, {runs[-1]['tokens']} tokens, "

@@ -257,8 +257,10 @@ def test_the_budget_counts_the_tokens_the_gradient_screen_runs(planted):
             shared = len(prefix) >= MIN_SHARED_PREFIX and len({s.item for s in used}) > 1
             tokens += (len(prefix) if shared else len(prefix) * len(used)) + sum(
                 len(s.context) + len(s.continuation) for s in used)
-    assert run.details["gradient_points"] == 2
-    assert run.budget["gradient_model_tokens"] == 3 * 2 * tokens
+    # one gradient per greedy round and one per exchange pass (at the chosen set)
+    points = run.details["gradient_points"]
+    assert points == len(run.details["rounds"]) + len(run.details["exchanges"]) >= 3
+    assert run.budget["gradient_model_tokens"] == 3 * points * tokens
     per_mask = [Evaluator(lm, t, t.items(n, 0)).tokens_per_mask() for t, n in ((task, 6), (get_task("general"), 3))]
     budget = run.budget
     assert budget["logical_model_tokens"] == (budget["evaluations"] * per_mask[0] + budget["gradient_model_tokens"]
@@ -424,3 +426,80 @@ def test_printed_table_shows_what_each_refine_pick_added(planted):
     assert "added drop" in text and "nan" not in text
     added = [r["cumulative_drop"] for r in run.details["rounds"]]
     assert f"{added[0]:.4f}" in text and f"{added[1] - added[0]:.4f}" in text
+    n_heads = lm.layout.n_heads
+    run.details["exchanges"] = [{"tried": 8, "criterion_before": 0.5, "proposed": [1, n_heads + 2], "support": 0.93,
+                                 "swap": [1, n_heads + 2], "criterion": 0.75}]
+    with render.console.capture() as captured:
+        render.print_locate(run)
+    assert "exchange: L0H1 -> L1H2, criterion 0.5000 -> 0.7500, higher in 93% of item resamples: kept" in captured.get()
+
+
+class SynergyResponses(PlantedResponses):
+    """Heads B and C pay off together: ablating both lowers item j's score by a further synergy[j] (score -
+    synergy (1 - s_B)(1 - s_C)), so greedy, which adds one head at a time, takes the larger single head A
+    first and never revisits it."""
+
+    def __init__(self, effects, b: int, c: int, synergy, **kw):
+        super().__init__(effects, **kw)
+        self.b, self.c, self.synergy = b, c, np.asarray(synergy, dtype=float)
+
+    def evaluate(self, masks):
+        result = super().evaluate(masks)
+        masks = np.asarray(masks, dtype=bool)
+        both = (masks[:, self.b] & masks[:, self.c]).astype(float)
+        result.scores["logprob"] = result.scores["logprob"] - both[:, None] * self.synergy[None]
+        return result
+
+    def gradients(self, metric, ablated=None):
+        s = np.ones(self.n_heads)
+        if ablated is not None:
+            s[list(ablated)] = 0.0
+        grad = super().gradients(metric)
+        grad[:, self.b] += self.synergy * (1 - s[self.c])
+        grad[:, self.c] += self.synergy * (1 - s[self.b])
+        return grad
+
+
+def _synergy(synergy):
+    effects = np.zeros(N_HEADS)
+    effects[[4, 9, 15]] = [1.0, 0.6, 0.59]  # A = 4 is the best single head; B = 9 and C = 15 only together
+    return SynergyResponses(effects, b=9, c=15, synergy=synergy)
+
+
+def test_exchange_swaps_greedys_first_pick_for_the_pair_that_pays_off_together():
+    responses = _synergy(np.ones(40))
+    greedy = Greedy().run(Objective(responses, "logprob"), 2)
+    assert greedy.top(2) == [4, 9]  # 1.6 nats; {9, 15} would remove 2.19
+    objective = Objective(responses, "logprob")
+    result = ScreenRefine(AttributionPatching(), n_candidates=4, passes=2).run(objective, 2)
+    assert set(result.top(2)) == {9, 15}
+    first, second = result.details["exchanges"]
+    assert first["swap"] == [4, 15] and first["support"] >= 0.95
+    assert first["criterion"] == pytest.approx(objective.drops(objective.set_masks([[9, 15]]))[0])
+    assert second["swap"] is None  # nothing improves {9, 15}: the passes stop
+    without = ScreenRefine(AttributionPatching(), n_candidates=4, passes=0).run(Objective(responses, "logprob"), 2)
+    assert without.top(2) == [4, 9] and without.details["exchanges"] == []
+
+
+def test_exchange_keeps_a_swap_only_if_item_resamples_agree():
+    """The same pair, but its synergy sits on one of the 40 items: the swap raises the mean, yet a resample
+    that leaves that item out says otherwise, so the set is item noise and stays as greedy chose it."""
+    synergy = np.zeros(40)
+    synergy[0] = 40.0  # the same mean synergy as above, carried by item 0
+    objective = Objective(_synergy(synergy), "logprob")
+    result = ScreenRefine(AttributionPatching(), n_candidates=4, passes=2).run(objective, 2)
+    assert result.top(2) == [4, 9]
+    (record,) = result.details["exchanges"]
+    assert record["proposed"] == [4, 15] and record["swap"] is None
+    assert 0.4 < record["support"] < 0.9  # item 0 is absent from about a third of the resamples
+
+
+def test_bootstrap_replays_of_refine_with_exchange_are_deterministic_and_make_no_new_evaluation():
+    objective = Objective(_synergy(np.ones(40)), "logprob")
+    method = ScreenRefine(AttributionPatching(), n_candidates=4, passes=2)
+    result = method.run(objective, 2)
+    asked = objective.requested
+    frequency = [selection_frequency(method, objective, 2, 20, seed=3, details=result.details) for _ in range(2)]
+    np.testing.assert_array_equal(frequency[0], frequency[1])
+    assert objective.requested == asked
+    assert frequency[0][9] == frequency[0][15] == 1.0

@@ -10,8 +10,10 @@ from caploc.api import locate
 from caploc.evaluator import Evaluator
 from caploc.components import Head
 from caploc.sites import head_site
-from caploc.methods import (DEFAULT_CANDIDATES, CompressedSensing, Greedy, HyperSearch, Objective, OneShotGreedy,
-                            ScreenRefine, bernoulli_design, make_method, stratified_design)
+from caploc.errors import ParameterError
+from caploc.methods import (DEFAULT_CANDIDATES, DEFAULT_EXCHANGE, DEFAULT_SWAPS, CompressedSensing, Greedy,
+                            HyperSearch, Objective, OneShotGreedy, ScreenRefine, bernoulli_design, make_method,
+                            stratified_design)
 from caploc.store import EvalStore
 from caploc.tasks.base import Item, TargetTask
 from tiny import byte_tokenizer
@@ -180,3 +182,11 @@ def test_refine_candidates_default_per_screen():
         assert method.params()["n_candidates"] == DEFAULT_CANDIDATES[screen]
         assert method.params()["screen"] == screen
     assert make_method("refine", screen="csb", n_candidates=5).params()["n_candidates"] == 5
+
+
+def test_refine_exchange_passes_default_and_are_recorded():
+    params = make_method("refine").params()
+    assert params["exchange_passes"] == DEFAULT_EXCHANGE > 0 and params["exchange_swaps"] == DEFAULT_SWAPS
+    assert make_method("refine", exchange=0).params()["exchange_passes"] == 0
+    with pytest.raises(ParameterError, match="exchange"):
+        make_method("refine", exchange=-1)

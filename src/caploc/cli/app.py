@@ -10,8 +10,9 @@ from caploc import api
 from caploc.cli import options as o
 from caploc.cli import render
 from caploc.experiments.locate import CONTROL_DEFAULT, DEFAULT_BOOTSTRAP
-from caploc.methods import (DEFAULT_MASKS, DEFAULT_METHOD, DEFAULT_PENALTY, DEFAULT_SCREEN, DEFAULT_SPARSITY,
-                            DEFAULT_TOLERANCE, METHODS)
+from caploc.methods import (DEFAULT_EXCHANGE, DEFAULT_MASKS, DEFAULT_METHOD, DEFAULT_PENALTY, DEFAULT_SCREEN,
+                            DEFAULT_SPARSITY, DEFAULT_SWAPS, DEFAULT_TOLERANCE, METHODS)
+from caploc.methods.exchange import CONFIDENCE
 from caploc.models import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -59,6 +60,9 @@ def locate(
     n_candidates: Optional[int] = typer.Option(None, "--candidates", help="refine: candidates greedy decides among "
                                                "(default 8 with the atp screen, re-taken every round; 16 with "
                                                "csb or css)"),
+    exchange: int = typer.Option(DEFAULT_EXCHANGE, "--exchange", help="refine: passes of exact head swaps after its "
+                                 f"greedy ({DEFAULT_SWAPS} proposed swaps each; a swap is kept only if it raises the "
+                                 f"criterion in {CONFIDENCE:.0%} of bootstrap resamples of the items; 0 for none)"),
     bootstrap: int = typer.Option(DEFAULT_BOOTSTRAP, "--bootstrap", help="item resamples for selection frequencies "
                                   "(no new model calls; 0 to skip)"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="comma-separated seeds: run each, report recurrence"),
@@ -79,7 +83,7 @@ def locate(
 ):
     """Find the heads that carry a capability, then validate them on held-out items."""
     result = api.locate(model, task, method, k, n, seed, control=control, n_control=n_control, penalty=penalty, tolerance=tolerance,
-                        screen=screen, n_candidates=n_candidates, bootstrap=bootstrap,
+                        screen=screen, n_candidates=n_candidates, exchange=exchange, bootstrap=bootstrap,
                         seeds=[int(o.parse_float(x, "seeds")) for x in seeds.split(",")] if seeds else None,
                         n_masks=n_masks, sparsity=sparsity,
                         alpha=alpha if alpha == "cv" else o.parse_float(alpha, "alpha"), metric=metric,

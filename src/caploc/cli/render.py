@@ -86,6 +86,14 @@ def print_locate(report) -> None:
             row.append(f"{added[h['index']]:.4f}" if h["index"] in added else "-")
         table.add_row(*row, str(h["kv_group"]), *[f"{h[c]:.0%}" for c in extra])
     console.print(table)
+    for swap in (report.get("details") or {}).get("exchanges") or []:
+        if swap.get("proposed"):
+            out, into = (f"L{i // report['model']['n_heads']}H{i % report['model']['n_heads']}"
+                         for i in swap["proposed"])
+            kept = "kept" if swap.get("swap") else "not kept"
+            console.print(f"exchange: {out} -> {into}, criterion {swap['criterion_before']:.4f}"
+                          + (f" -> {swap['criterion']:.4f}" if swap.get("swap") else "")
+                          + f", higher in {swap['support']:.0%} of item resamples: {kept}")
     stability = report.get("stability") or {}
     if stability.get("top_k_per_seed"):
         console.print(f"seeds {stability['seeds']}: top-{report['k']} per seed "

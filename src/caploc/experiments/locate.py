@@ -12,8 +12,8 @@ from caploc.evaluator import Evaluator
 from caploc.experiments.context import (TaskOptions, build_tasks, open_store, parse_task_list, resolve_model,
                                         resolve_task)
 from caploc.experiments.results import LocateResult, UniversalResult
-from caploc.methods import (DEFAULT_MASKS, DEFAULT_METHOD, DEFAULT_PENALTY, DEFAULT_SCREEN, DEFAULT_SPARSITY,
-                            DEFAULT_TOLERANCE, Objective, make_method)
+from caploc.methods import (DEFAULT_EXCHANGE, DEFAULT_MASKS, DEFAULT_METHOD, DEFAULT_PENALTY, DEFAULT_SCREEN,
+                            DEFAULT_SPARSITY, DEFAULT_TOLERANCE, Objective, make_method)
 from caploc.models import DEFAULT_MODEL, LoadedModel
 from caploc.stats import low_baseline_warning, score_summary
 from caploc.store import EvalStore
@@ -59,8 +59,8 @@ def selection_frequency(method, objective: Objective, k: int, n_boot: int, seed:
 def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithmetic", method: str = DEFAULT_METHOD,
            k: int = 5, n: int = 100, seed: int = 0, *, control: str | list | None = CONTROL_DEFAULT,
            n_control: int | None = None, penalty: float = DEFAULT_PENALTY, tolerance: float | None = DEFAULT_TOLERANCE,
-           screen: str = DEFAULT_SCREEN,
-           n_candidates: int | None = None, n_masks: int = DEFAULT_MASKS, sparsity: float = DEFAULT_SPARSITY,
+           screen: str = DEFAULT_SCREEN, n_candidates: int | None = None, exchange: int = DEFAULT_EXCHANGE,
+           n_masks: int = DEFAULT_MASKS, sparsity: float = DEFAULT_SPARSITY,
            alpha="cv", metric: str | None = None, n_validate: int | None = None, bootstrap: int = DEFAULT_BOOTSTRAP,
            seeds: list[int] | None = None, subtask: str | None = None,
            shots: int | None = None, data: str | None = None, fewshot_data: str | None = None,
@@ -99,7 +99,7 @@ def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithme
         notes.append(f"the {metric} metric of {task_obj.name} (or a control's) has no gradient, so the refine "
                      f"screen is csb instead of atp")
     method_obj = make_method(method, n_masks=n_masks, sparsity=sparsity, alpha=alpha, seed=seed, screen=screen,
-                             n_candidates=n_candidates)
+                             n_candidates=n_candidates, exchange=exchange)
     id_items = task_obj.items(n, seed)
     held_out = task_obj.items(n_validate or n, seed, offset=n)
     db = open_store(store)

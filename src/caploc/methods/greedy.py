@@ -16,13 +16,13 @@ def _effects(objective: Objective, masks: np.ndarray):
     return objective.specificity(target, control), target, control
 
 
-def _bounded_effects(objective: Objective, masks: np.ndarray):
+def bounded_effects(objective: Objective, masks: np.ndarray, best: float = -np.inf):
     """A greedy round keeps only the best mask by the criterion, and the criterion is at most what the target
     drop alone gives (`Objective.upper_bound`: the control only subtracts). So the controls are evaluated in
     order of that bound, CONTROL_BATCH masks at a time, until no remaining mask's bound reaches the best
-    criterion found: the round chooses what evaluating every control would choose (ties included), and masks
-    left out keep a NaN control drop and criterion. A bootstrap replay skips masks whose controls the run
-    did not evaluate."""
+    criterion found (or `best`, a criterion the caller already has and a mask must reach to matter): the
+    round chooses what evaluating every control would choose (ties included), and masks left out keep a NaN
+    control drop and criterion. A bootstrap replay skips masks whose controls the run did not evaluate."""
     target = objective.drops(masks)
     if not objective.has_control:
         return target.copy(), target, None
@@ -30,7 +30,6 @@ def _bounded_effects(objective: Objective, masks: np.ndarray):
     scores, control = np.full(len(masks), np.nan), np.full(len(masks), np.nan)
     known = objective.evaluated(masks, control=True)
     order = [int(j) for j in np.argsort(-bound, kind="stable") if known[j]]
-    best = -np.inf
     for first in range(0, len(order), CONTROL_BATCH):
         batch = [j for j in order[first:first + CONTROL_BATCH] if bound[j] >= best]
         if not batch:
@@ -97,7 +96,7 @@ class Greedy(Method):
                 diverged = True
                 break
             candidates = [c for c, ok in zip(candidates, known) if ok]
-            scores, target, control = _bounded_effects(objective, masks[known])
+            scores, target, control = bounded_effects(objective, masks[known])
             if np.isnan(scores).all():  # a replay whose controls the run never evaluated here
                 diverged = True
                 break

@@ -10,6 +10,9 @@ is taken again with the heads already chosen held at 0, so the next round's cand
 matter *given* that ablation (iterative greedy's second and later picks are often heads whose effect only
 shows once the first is gone: backups and heads downstream of it), joined by the best `n_candidates // 4`
 of the previous round's exact order. One forward + backward pass per round on top of the masks.
+
+`passes` > 0 then improves the greedy set by exact swaps (`methods.exchange`), each proposed by the gradient
+at the current set (the gradient screen) or by the screen's single-head estimates (a regression screen).
 """
 
 from __future__ import annotations
@@ -18,22 +21,26 @@ import numpy as np
 
 from caploc.methods.attribution import AttributionPatching
 from caploc.methods.base import Method, MethodResult, NotEvaluated, Objective
+from caploc.methods.exchange import exchange, gradient_marginals
 from caploc.methods.greedy import Greedy
 
 
 class ScreenRefine(Method):
     name = "refine"
 
-    def __init__(self, screen: Method, n_candidates: int = 16):
+    def __init__(self, screen: Method, n_candidates: int = 16, passes: int = 0, n_swaps: int = 8):
         self.screen = screen
         self.n_candidates = n_candidates
+        self.passes = passes
+        self.n_swaps = n_swaps
 
     def params(self) -> dict:
-        return {"screen": self.screen.name, "n_candidates": self.n_candidates,
-                **{f"screen_{k}": v for k, v in self.screen.params().items()}}
+        return {"screen": self.screen.name, "n_candidates": self.n_candidates, "exchange_passes": self.passes,
+                "exchange_swaps": self.n_swaps, **{f"screen_{k}": v for k, v in self.screen.params().items()}}
 
     def for_replay(self, details: dict) -> "ScreenRefine":
-        return ScreenRefine(self.screen.for_replay(details["screen"]), self.n_candidates)
+        return ScreenRefine(self.screen.for_replay(details["screen"]), self.n_candidates, self.passes,
+                            self.n_swaps)
 
     def run(self, objective: Objective, k: int) -> MethodResult:
         screened = self.screen.run(objective, k)
@@ -53,11 +60,23 @@ class ScreenRefine(Method):
         if refined.control_effects is not None:
             control = np.where(exact, refined.control_effects, screened.control_effects
                                if screened.control_effects is not None else np.nan)
-        chosen = [r["head"] for r in refined.details["rounds"]]
+        rounds = refined.details["rounds"]
+        chosen = [r["head"] for r in rounds]
+        exchanges = []
+        if self.passes and len(chosen) == k:
+            if adaptive:
+                marginals = gradient_marginals(objective)
+            else:  # the regression's single-head estimates, the same on top of any set
+                def marginals(_chosen):
+                    return screened.target_effects, screened.control_effects
+            chosen, exchanges = exchange(objective, chosen, rounds[-1]["cumulative_drop"],
+                                         rounds[-1].get("cumulative_control_drop"), self.passes, self.n_swaps,
+                                         marginals)
         ranking = chosen + [i for i in screened.ranking if i not in chosen]
-        details = {"candidates": candidates, "rounds": refined.details["rounds"],
-                   # forward + backward passes of the gradient screen: the first, then one per later round
-                   "gradient_points": len(refined.details["rounds"]) if adaptive else 0,
+        details = {"candidates": candidates, "rounds": rounds, "exchanges": exchanges,
+                   # forward + backward passes of the gradient screen: the first, one per later round, one
+                   # per exchange pass
+                   "gradient_points": len(rounds) + len(exchanges) if adaptive else 0,
                    "screen": {"name": self.screen.name, "score_name": screened.score_name,
                               "head_scores": np.asarray(screened.head_scores).tolist(),
                               **{k: v for k, v in screened.details.items()
