@@ -12,7 +12,9 @@ the benchmark then reports, per task and method:
   sets (identification or validation) hold, and the relative drop of its answer log-probability;
 - held-out `text` damage: the relative drop of the log-probability of 40 chunks of prose (language modelling);
 - cross-seed top-k overlap (mean over seed pairs) and the mean bootstrap selection frequency of the top-k;
-- induction: how many of the top-k are among the 10 highest prefix-matching heads (a non-ablation truth).
+- induction: how many of the top-k are among the 10 highest prefix-matching heads (a non-ablation truth);
+  induction and IOI: the same from locate's own attention check (IOI: attention from the last token to the
+  indirect object, Wang et al.'s name movers).
 
 Methods run as the paper defines them (no control: greedy, 1s-greedy, csb, css, atp) and as caploc's
 control-aware default (`refine`, control `general`), plus any --extra refine variants; `greedy+control` is
@@ -140,6 +142,9 @@ def main():
                              "general_logprob_drop": general_lp["drop"],
                              "general_logprob_relative_drop": general_lp["relative_drop"],
                              "frequency": run.stability.get("top_k_mean_frequency"),
+                             # locate's own non-ablation check (induction: prefix matching; IOI: name movers)
+                             "attention_in_top": (run.attention_check["reported_in_top"]
+                                                  if run.attention_check else None),
                              # refine's exchange passes: the best swap each proposed, its support, whether kept
                              "exchanges": [{"proposed": [str(lm.layout.head(i)) for i in e["proposed"]],
                                             "support": e["support"], "kept": e["swap"] is not None}
@@ -175,6 +180,8 @@ def main():
                     [r["general_drop"] for r in greedy])
             if task_name == "induction" and prefix_top10:
                 row["in_prefix_top10"] = float(np.mean([len(set(r["top"]) & prefix_top10) for r in runs]))
+            if runs[0]["attention_in_top"] is not None:
+                row["in_attention_top10"] = float(np.mean([len(r["attention_in_top"]) for r in runs]))
             rows.append(row)
         write(args.json, rows, raw, vars(args), prefix_top10)
     print_table(rows, args.k)
@@ -193,8 +200,8 @@ def print_table(rows, k):
 
     print(f"| task | method | seeds | tokens / greedy's | held-out target drop (% greedy) | target acc drop (pts) | "
           f"held-out general drop: acc pts (- greedy's) / logprob | text damage | cross-seed top-{k} overlap | "
-          f"mean selection frequency | induction: in prefix top-10 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"mean selection frequency | induction: in prefix top-10 | in attention top-10 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['task']} | {r['method']} | {r['seeds']} | {fmt(r.get('tokens_vs_greedy'), '.3f')} | "
               f"{r['target_drop']:.2f} ({fmt(r.get('target_drop_pct_greedy'), '.0f')}%) | "
@@ -202,7 +209,7 @@ def print_table(rows, k):
               f"{r['general_drop_pts']:.1f} ({fmt(r.get('general_drop_minus_greedy_pts'), '+.1f')}) / "
               f"{100 * r['general_logprob_relative_drop']:.0f}% | {100 * r['text_relative_drop']:.1f}% | "
               f"{fmt(r['cross_seed_overlap'], '.1f')} | {fmt(r['frequency'], '.2f')} | "
-              f"{fmt(r.get('in_prefix_top10'), '.1f')} |")
+              f"{fmt(r.get('in_prefix_top10'), '.1f')} | {fmt(r.get('in_attention_top10'), '.1f')} |")
 
 
 if __name__ == "__main__":

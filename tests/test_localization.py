@@ -290,11 +290,37 @@ def test_prefix_matching_scores_find_a_planted_induction_pattern():
     from caploc.experiments.evaluate import prefix_matching_scores
 
     lm = wrap_model(build("llama"), byte_tokenizer(), spec="tiny")
+    before = lm.model.config._attn_implementation
     scores = prefix_matching_scores(lm, n=2, length=12)
     assert scores.shape == (lm.layout.n_layers, lm.layout.n_heads)
     assert ((scores >= 0) & (scores <= 1)).all()
     assert not any(m._forward_pre_hooks for m in lm.model.modules())
-    assert lm.model.config._attn_implementation != "eager" or True  # restored to what it was
+    assert lm.model.config._attn_implementation == before  # eager only while the weights are read
+
+
+def test_locate_checks_its_heads_against_the_attention_signature_of_induction_and_ioi_heads(smollm):
+    from caploc import api
+    from caploc.cli import render
+
+    run = locate(smollm, "induction", "atp", k=5, n=6, n_validate=4, control="none", bootstrap=0, store=False)
+    check = run.attention_check
+    assert check["score"] == "prefix_matching" and len(check["top"]) == 10
+    # SmolLM2's induction heads (bench/locate_quality.py, bf16): the fp32 model has the same ones on top
+    assert {"L17H3", "L17H4", "L18H6", "L18H7", "L23H2"} <= set(check["top"])
+    assert check["top_scores"] == sorted(check["top_scores"], reverse=True) and check["top_scores"][-1] > 0.25
+    assert set(check["reported_scores"]) == set(run.top_heads(5))
+    assert check["reported_in_top"] == [h for h in run.top_heads(5) if h in check["top"]]
+    with render.console.capture() as captured:
+        render.print_locate(run)
+    assert (f"attention check (prefix matching, Olsson et al. 2022, repeated random tokens): "
+            f"{len(check['reported_in_top'])} of the top-5 among the 10 highest heads") in captured.get()
+    ioi = locate(smollm, "ioi", "atp", k=2, n=4, n_validate=2, control="none", bootstrap=0, store=False)
+    # the name mover by attention: from the last token, L24H4 looks at the indirect object, not the subject
+    assert ioi.attention_check["score"] == "name_mover" and ioi.attention_check["top"][0] == "L24H4"
+    heads = {h["head"]: h for h in api.heads(smollm, scores="ioi").heads}
+    assert heads["L24H4"]["name_mover"] > 0.4 > heads["L24H4"]["subject"]
+    assert locate(smollm, "arithmetic", "atp", k=2, n=4, n_validate=2, subtask="2D+", control="none",
+                  bootstrap=0, store=False).attention_check == {}
 
 
 def test_attention_signatures_tell_previous_token_and_induction_heads_apart():

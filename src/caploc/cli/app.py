@@ -99,7 +99,9 @@ def locate(
 @app.command()
 def heads(model: o.Model = DEFAULT_MODEL,
           scores: Optional[str] = typer.Option(None, "--scores", help="also score every head: induction (prefix-"
-                                               "matching and previous-token attention on repeated random tokens)"),
+                                               "matching and previous-token attention on repeated random tokens) "
+                                               "or ioi (attention from the last token to the indirect object and "
+                                               "to the subject)"),
           seed: o.Seed = 0, dtype: o.Dtype = "auto", device: o.Device = "auto", as_json: o.AsJson = False, json_file: o.JsonFile = None):
     """List the model's layers, attention heads and their KV groups (and per-head scores)."""
     render.emit(api.heads(model, dtype, device, scores=scores, seed=seed), as_json, json_file, render.print_heads)

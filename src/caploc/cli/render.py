@@ -94,6 +94,12 @@ def print_locate(report) -> None:
             console.print(f"exchange: {out} -> {into}, criterion {swap['criterion_before']:.4f}"
                           + (f" -> {swap['criterion']:.4f}" if swap.get("swap") else "")
                           + f", higher in {swap['support']:.0%} of item resamples: {kept}")
+    check = report.get("attention_check") or {}
+    if check:
+        found = check["reported_in_top"]
+        console.print(f"attention check ({check['score'].replace('_', ' ')}, {check['source']}): {len(found)} of the "
+                      f"top-{len(check['reported_scores'])} among the {len(check['top'])} highest heads"
+                      + (f" ({', '.join(found)})" if found else "") + f"; those are {', '.join(check['top'])}")
     stability = report.get("stability") or {}
     if stability.get("top_k_per_seed"):
         console.print(f"seeds {stability['seeds']}: top-{report['k']} per seed "
@@ -141,7 +147,9 @@ def print_heads(info) -> None:
         table.add_row(str(layer), " ".join(names))
     console.print(table)
     for key, what in (("prefix_matching", "prefix-matching (induction heads)"),
-                      ("previous_token", "previous-token (the heads induction heads read)")):
+                      ("previous_token", "previous-token (the heads induction heads read)"),
+                      ("name_mover", "attention to the indirect object (IOI name movers)"),
+                      ("subject", "attention to the IOI subject")):
         scored = [h for h in info["heads"] if key in h]
         if scored:
             top = sorted(scored, key=lambda h: -h[key])[:10]

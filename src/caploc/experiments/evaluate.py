@@ -13,6 +13,7 @@ from caploc.experiments.context import TaskOptions, resolve_model, resolve_task
 from caploc.experiments.results import EvaluateResult, HeadsResult
 from caploc.models import DEFAULT_MODEL, LoadedModel
 from caploc.stats import low_baseline_warning, score_summary
+from caploc.tasks import get_task
 from caploc.tasks.base import Task
 
 
@@ -47,21 +48,19 @@ def evaluate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arith
 def heads(model: str | LoadedModel = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto", scores: str | None = None,
           seed: int = 0) -> HeadsResult:
     """The model's layers, heads and KV groups; with `scores="induction"` also each head's scores for the two
-    halves of the induction circuit (`induction_scores`): prefix-matching and previous-token attention."""
+    halves of the induction circuit (`induction_scores`): prefix-matching and previous-token attention; with
+    `scores="ioi"` its attention from the last token to the indirect object and to the subject (`ioi_scores`)."""
     require(scores in (None, *HEAD_SCORES), f"unknown {{scores}} {scores!r}: choose {', '.join(HEAD_SCORES)}",
             "scores")
     lm = resolve_model(model, dtype, device)
     layout = lm.layout
     rows = [{"head": str(h), "layer": h.layer, "index": layout.index(h), "kv_group": layout.kv_group(h)}
             for h in layout.all_heads()]
-    if scores == "induction":
-        for name, values in induction_scores(lm, seed=seed).items():
+    if scores:
+        for name, values in HEAD_SCORES[scores](lm, seed=seed).items():
             for row, value in zip(rows, values.reshape(-1)):
                 row[name] = float(value)
     return HeadsResult(model=lm.describe(), heads=rows)
-
-
-HEAD_SCORES = ("induction",)
 
 
 def prefix_matching_scores(lm: LoadedModel, n: int = 8, length: int = 40, seed: int = 0) -> np.ndarray:
@@ -86,14 +85,46 @@ def induction_scores(lm: LoadedModel, n: int = 8, length: int = 40, seed: int = 
     if tok.bos_token_id is not None:
         ids = torch.cat([torch.full((n, 1), tok.bos_token_id), ids], dim=1)
         offset = 1
+    return attention_signatures(_attention_weights(model, [ids])[0], length, offset)
+
+
+def _attention_weights(model, batches: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Per batch of token ids, the per-layer attention weights [batch, heads, T, T] (fp32, on the CPU)."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")  # the fused kernels do not return attention weights
+    device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            attentions = model(input_ids=ids.to(next(model.parameters()).device), output_attentions=True).attentions
+            return [[a.float().cpu() for a in model(input_ids=ids.to(device), output_attentions=True).attentions]
+                    for ids in batches]
     finally:
         model.set_attn_implementation(previous)
-    return attention_signatures([a.float().cpu() for a in attentions], length, offset)
+
+
+def ioi_scores(lm: LoadedModel, n: int = 40, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per head, [n_layers, n_heads], on `ioi` prompts (seeded, one forward pass each), the attention from the
+    last token (where the name is predicted) to the indirect object's name (`name_mover`: Wang et al. 2022's
+    name-mover heads attend there and copy it) and to the subject's first mention (`subject`)."""
+    tok = lm.tokenizer
+    items = get_task("ioi").items(n, seed)
+    batches, positions = [], []
+    for item in items:
+        context = item.context
+        ids = tok(context, return_tensors="pt")["input_ids"]
+
+        def position(name: str) -> int:  # the token that ends the name's first mention (the prompt's prefix)
+            end = context.index(name) + len(name)
+            return len(tok(context[:end])["input_ids"]) - 1
+
+        batches.append(ids)
+        positions.append((position(item.meta["indirect_object"]), position(item.meta["subject"])))
+    weights = _attention_weights(lm.model, batches)
+    out = {}
+    for key, which in (("name_mover", 0), ("subject", 1)):
+        out[key] = np.stack([np.mean([layers[layer][0, :, -1, pos[which]].numpy()
+                                      for layers, pos in zip(weights, positions)], axis=0)
+                             for layer in range(len(weights[0]))])
+    return out
 
 
 def attention_signatures(attentions: list[torch.Tensor], length: int, offset: int) -> dict[str, np.ndarray]:
@@ -105,3 +136,7 @@ def attention_signatures(attentions: list[torch.Tensor], length: int, offset: in
     later = torch.arange(offset + 1, offset + 2 * length)
     return {"prefix_matching": np.stack([a[:, :, queries, keys].mean(dim=(0, 2)).numpy() for a in attentions]),
             "previous_token": np.stack([a[:, :, later, later - 1].mean(dim=(0, 2)).numpy() for a in attentions])}
+
+
+# `heads --scores`: attention signatures of the heads the literature finds for a task, independent of ablation
+HEAD_SCORES = {"induction": induction_scores, "ioi": ioi_scores}

@@ -11,6 +11,7 @@ from caploc.errors import ParameterError, check_positive, require
 from caploc.evaluator import Evaluator
 from caploc.experiments.context import (TaskOptions, build_tasks, open_store, parse_task_list, resolve_model,
                                         resolve_task)
+from caploc.experiments.evaluate import HEAD_SCORES
 from caploc.experiments.results import LocateResult, UniversalResult
 from caploc.methods import (DEFAULT_EXCHANGE, DEFAULT_MASKS, DEFAULT_METHOD, DEFAULT_PENALTY, DEFAULT_SCREEN,
                             DEFAULT_SPARSITY, DEFAULT_TOLERANCE, Objective, make_method)
@@ -148,6 +149,7 @@ def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithme
         head_effects=_effects(result, objective),
         ranking=[str(layout.head(i)) for i in ranking], details=result.details,
         identification=identification, validation=validation, control_validation=control_validation,
+        attention_check=attention_check(lm, task_obj, top),
         stability={"bootstrap": bootstrap, "selection_frequency": frequency.tolist(),
                    "top_k_mean_frequency": float(frequency[top].mean())} if frequency is not None else {},
         fingerprints={"model": lm.fingerprint, "identification_items": identify.task_fingerprint,
@@ -177,6 +179,29 @@ def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithme
     if out:
         located.save(out)
     return located
+
+
+ATTENTION_TOP = 10  # the highest heads by the attention signature that the reported heads are checked against
+# tasks whose heads the literature finds by their attention: the signature (`heads --scores TASK`), its source
+ATTENTION_CHECKS = {"induction": ("prefix_matching", "Olsson et al. 2022, repeated random tokens"),
+                    "ioi": ("name_mover", "Wang et al. 2022, last token to the indirect object")}
+
+
+def attention_check(lm: LoadedModel, task: Task, top: list[int]) -> dict:
+    """Evidence independent of ablation, for a task whose heads the literature identifies by their attention
+    (induction heads attend to the token after the current token's previous occurrence; IOI's name movers
+    attend from the last token to the indirect object): which of the reported heads are among the
+    ATTENTION_TOP highest by that signature; empty for other tasks."""
+    if task.name not in ATTENTION_CHECKS:
+        return {}
+    key, source = ATTENTION_CHECKS[task.name]
+    scores = HEAD_SCORES[task.name](lm)[key].reshape(-1)
+    best = [int(i) for i in np.argsort(-scores, kind="stable")[:ATTENTION_TOP]]
+    name = lm.layout.head
+    return {"score": key, "source": source,
+            "top": [str(name(i)) for i in best], "top_scores": [float(scores[i]) for i in best],
+            "reported_in_top": [str(name(i)) for i in top if i in best],
+            "reported_scores": {str(name(i)): float(scores[i]) for i in top}}
 
 
 def _effects(result, objective: Objective) -> dict:
@@ -221,6 +246,10 @@ def _locate_seeds(arguments: dict) -> LocateResult:
         "pairwise_overlap": pairs, "mean_pairwise_overlap": float(np.mean(pairs)) if pairs else None}
     for h in first.heads:
         h["seed_frequency"] = counts.get(h["head"], 0) / len(seeds)
+    if first.attention_check:
+        best = set(first.attention_check["top"])
+        first.attention_check = dict(first.attention_check) | {
+            "reported_in_top_per_seed": [[h for h in top if h in best] for top in tops]}
     first.budget = dict(first.budget) | {"all_seeds_model_tokens": sum(r.budget["model_tokens"] for r in runs)}
     if out:
         first.save(out)

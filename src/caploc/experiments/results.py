@@ -153,6 +153,8 @@ class LocateResult(Result):
     control: dict = field(default_factory=dict)  # control tasks, their metrics, the penalty and criterion
     head_effects: dict = field(default_factory=dict)  # per head: estimated target and control drops
     control_validation: dict = field(default_factory=dict)  # control task -> metric -> held-out drop curve
+    # non-ablation evidence: the reported heads among the highest by an attention signature (induction, ioi)
+    attention_check: dict = field(default_factory=dict)
     stability: dict = field(default_factory=dict)  # bootstrap selection frequency; per-seed top-k
     warnings: list[str] = field(default_factory=list)
     mode: str = "zero"
