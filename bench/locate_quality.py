@@ -37,7 +37,6 @@ import numpy as np
 
 from caploc import load_model, locate
 from caploc.evaluator import Evaluator
-from caploc.experiments.evaluate import prefix_matching_scores
 from caploc.experiments.locate import DEFAULT_N_CONTROL
 from caploc.stats import paired_drop
 from caploc.store import EvalStore
@@ -106,9 +105,6 @@ def main():
     rows, raw = [], {}
     for task_name in args.tasks.split(","):
         task = get_task(task_name, **TASK_OPTIONS.get(task_name, {}))
-        if task_name == "induction":
-            scores = prefix_matching_scores(lm).reshape(-1)
-            prefix_top10 = {str(lm.layout.head(int(i))) for i in np.argsort(-scores)[:10]}
         per_config = {}
         for label, config in configs:
             runs = []
@@ -117,6 +113,8 @@ def main():
                 run = locate(lm, task, k=args.k, n=args.n, n_validate=args.n_validate, seed=seed,
                              n_control=args.n_control, bootstrap=args.bootstrap, store=store, **config)
                 top = run.top_heads(args.k)
+                if task_name == "induction":  # locate's own check holds the 10 highest prefix-matching heads
+                    prefix_top10 = set(run.attention_check["top"])
                 heads = [[lm.layout.index(lm.layout.parse(h)) for h in top]]
                 general_scores = general_eval.evaluate(heads)
                 general_drop = paired_drop(general_base, general_scores.scores["acc"][0])

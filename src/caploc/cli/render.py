@@ -9,6 +9,7 @@ from typing import Callable, Optional
 from rich.console import Console
 from rich.table import Table
 
+from caploc.components import HeadLayout
 from caploc.files import json_default, write_json
 
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -88,8 +89,8 @@ def print_locate(report) -> None:
     console.print(table)
     for swap in (report.get("details") or {}).get("exchanges") or []:
         if swap.get("proposed"):
-            out, into = (f"L{i // report['model']['n_heads']}H{i % report['model']['n_heads']}"
-                         for i in swap["proposed"])
+            layout = HeadLayout(n_layers=report["model"]["n_layers"], n_heads=report["model"]["n_heads"])
+            out, into = (str(layout.head(i)) for i in swap["proposed"])
             kept = "kept" if swap.get("swap") else "not kept"
             console.print(f"exchange: {out} -> {into}, criterion {swap['criterion_before']:.4f}"
                           + (f" -> {swap['criterion']:.4f}" if swap.get("swap") else "")

@@ -42,11 +42,6 @@ CONFIDENCE = 0.95  # the share of them in which it must raise the criterion
 Marginals = Callable[[list[int]], tuple[np.ndarray, "np.ndarray | None"]]
 
 
-def gradient_marginals(objective: Objective) -> Marginals:
-    """Each head's estimated marginal drops on top of a set: the gradient taken at that set."""
-    return objective.estimated_drops
-
-
 def exchange(objective: Objective, chosen: list[int], target: float, control: float | None, passes: int,
              n_swaps: int, marginals: Marginals) -> tuple[list[int], list[dict]]:
     """Up to `passes` improving swaps of the set `chosen` (exact drops `target`, `control`); `marginals(set)`

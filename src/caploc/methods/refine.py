@@ -21,7 +21,7 @@ import numpy as np
 
 from caploc.methods.attribution import AttributionPatching
 from caploc.methods.base import Method, MethodResult, NotEvaluated, Objective
-from caploc.methods.exchange import exchange, gradient_marginals
+from caploc.methods.exchange import exchange
 from caploc.methods.greedy import Greedy
 
 
@@ -64,8 +64,8 @@ class ScreenRefine(Method):
         chosen = [r["head"] for r in rounds]
         exchanges = []
         if self.passes and len(chosen) == k:
-            if adaptive:
-                marginals = gradient_marginals(objective)
+            if adaptive:  # the gradient taken at the set
+                marginals = objective.estimated_drops
             else:  # the regression's single-head estimates, the same on top of any set
                 def marginals(_chosen):
                     return screened.target_effects, screened.control_effects
