@@ -87,9 +87,9 @@ def print_locate(report) -> None:
             row.append(f"{added[h['index']]:.4f}" if h["index"] in added else "-")
         table.add_row(*row, str(h["kv_group"]), *[f"{h[c]:.0%}" for c in extra])
     console.print(table)
+    layout = HeadLayout(n_layers=report["model"]["n_layers"], n_heads=report["model"]["n_heads"])
     for swap in (report.get("details") or {}).get("exchanges") or []:
         if swap.get("proposed"):
-            layout = HeadLayout(n_layers=report["model"]["n_layers"], n_heads=report["model"]["n_heads"])
             out, into = (str(layout.head(i)) for i in swap["proposed"])
             kept = "kept" if swap.get("swap") else "not kept"
             console.print(f"exchange: {out} -> {into}, criterion {swap['criterion_before']:.4f}"

@@ -6,6 +6,7 @@ from caploc.errors import ParameterError, require
 from caploc.methods.attribution import AttributionPatching
 from caploc.methods.base import DEFAULT_PENALTY, DEFAULT_TOLERANCE, Method, MethodResult, NotEvaluated, Objective
 from caploc.methods.compressed_sensing import CompressedSensing, bernoulli_design, stratified_design
+from caploc.methods.exchange import DEFAULT_SWAPS
 from caploc.methods.greedy import Greedy, OneShotGreedy
 from caploc.methods.refine import ScreenRefine
 from caploc.methods.search import HyperSearch
@@ -22,10 +23,10 @@ DEFAULT_SCREEN = "atp"
 # 32 drifted to what greedy over every head finds (overlap 1.7). A regression screen is not redone, so it keeps
 # a wider list.
 DEFAULT_CANDIDATES = {"atp": 8, "csb": 16, "css": 16}
-# exact swap passes after refine's greedy (methods.exchange) and the swaps each pass evaluates: one pass
-# (about 0.02 of greedy's tokens) tests the chosen set against its closest competitors and records them
+# exact swap passes after refine's greedy (methods.exchange, where DEFAULT_SWAPS, the swaps each pass
+# evaluates, lives): one pass (about 0.02 of greedy's tokens) tests the chosen set against its closest
+# competitors and records them
 DEFAULT_EXCHANGE = 1
-DEFAULT_SWAPS = 8
 DEFAULT_MASKS = 100
 DEFAULT_SPARSITY = 0.05
 
@@ -51,7 +52,7 @@ def make_method(name: str, *, n_masks: int = DEFAULT_MASKS, sparsity: float = DE
         require(n_candidates >= 1, "{n_candidates} must be positive", "n_candidates")
         require(exchange >= 0, "{exchange} must be >= 0", "exchange")
         return ScreenRefine(make_method(screen, n_masks=n_masks, sparsity=sparsity, alpha=alpha, seed=seed),
-                            n_candidates, exchange, DEFAULT_SWAPS)
+                            n_candidates, exchange)
     raise ParameterError(f"unknown {{method}} {name!r}: choose one of {', '.join(METHODS)}", "method")
 
 

@@ -37,6 +37,7 @@ from caploc.methods.greedy import bounded_effects
 IMPROVEMENT = 1e-9  # a swap must raise the criterion by more than rounding to be taken (no cycling on ties)
 RESAMPLES = 200  # bootstrap resamples of the identification items that decide whether a swap is kept
 CONFIDENCE = 0.95  # the share of them in which it must raise the criterion
+DEFAULT_SWAPS = 8  # swaps a pass evaluates exactly: the best estimates
 
 
 Marginals = Callable[[list[int]], tuple[np.ndarray, "np.ndarray | None"]]

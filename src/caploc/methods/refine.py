@@ -21,14 +21,15 @@ import numpy as np
 
 from caploc.methods.attribution import AttributionPatching
 from caploc.methods.base import Method, MethodResult, NotEvaluated, Objective
-from caploc.methods.exchange import exchange
+from caploc.methods.exchange import DEFAULT_SWAPS, exchange
 from caploc.methods.greedy import Greedy
 
 
 class ScreenRefine(Method):
     name = "refine"
 
-    def __init__(self, screen: Method, n_candidates: int = 16, passes: int = 0, n_swaps: int = 8):
+    def __init__(self, screen: Method, n_candidates: int = 16, passes: int = 0,
+                 n_swaps: int = DEFAULT_SWAPS):
         self.screen = screen
         self.n_candidates = n_candidates
         self.passes = passes
