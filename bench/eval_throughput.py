@@ -10,7 +10,7 @@
     batch size 1, the model reloaded for every ablation (timed on a few masks, scaled to M).
 (c) masks/s for a CS batch (random 5-head masks) and for a single-head sweep (one head per mask, a sample
     spread evenly over the layers), each also the copying way (no shared-prefix attention, no layer reuse:
-    the evaluator as it was before `evaluator.partial`) in the same run.
+    the evaluator as it was before `evaluator.shortcuts`) in the same run.
 (d) generation under masks: rows/s of the evaluator (shared few-shot prefix, rows leave the batch when
     they finish)  /  rows/s of plain `generate()` on the same prompts (2-shot GSM8K-style fixture items).
 (e) the roofline, measured in the same run: a timed matmul in the model's dtype, x the model's
@@ -30,8 +30,8 @@ import torch
 from caploc import load_model
 from caploc.evaluator import Evaluator
 from caploc.evaluator.batches import pad_batch
-from caploc.evaluator.partial import Support
-from caploc.evaluator.runner import _returned_cache
+from caploc.evaluator.runner import returned_cache
+from caploc.evaluator.shortcuts import Shortcuts, set_shortcuts, shortcuts
 from caploc.sites import head_site
 from caploc.tasks import get_task
 
@@ -105,11 +105,11 @@ def plain_rows_rate(lm, evaluator, rows_per_pass, passes):
     positions = (torch.arange(width) + len(prefix))[None].expand(len(batch), -1)
     tokens, start = 0, time.perf_counter()
     for _ in range(passes):
-        cache = _returned_cache(lm.model(input_ids=torch.tensor([list(prefix)]), use_cache=True,
+        cache = returned_cache(lm.model(input_ids=torch.tensor([list(prefix)]), use_cache=True,
                                          logits_to_keep=1))
         cache.batch_repeat_interleave(len(batch))
         lm.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=keep,
-                 **{evaluator.runner._cache_name: cache})  # the argument's name in this transformers
+                 **{evaluator.scorer.cache_name: cache})  # the argument's name in this transformers
         tokens += len(prefix) + sum(map(len, inputs))
     return tokens / (time.perf_counter() - start)
 
@@ -179,17 +179,17 @@ def main():
     plain_rate = plain_forward_rate(lm.model, sequences, rows_per_pass=len(sequences), passes=4,
                                     pad_id=lm.tokenizer.pad_token_id)
     # the same rows as one of the evaluator's passes holds (masks per pass x items), as many passes
-    per_pass = evaluator.runner.masks_per_pass(evaluator.requests)
+    per_pass = evaluator.scorer.masks_per_pass(evaluator.requests)
     rows_rate = plain_rows_rate(lm, evaluator, per_pass * len(items), passes=max(1, (args.masks - 1) // per_pass))
     evaluator_per_mask = eval_seconds / (args.masks - 1)
     chosen = np.linspace(0, lm.layout.n_total - 1, args.sweep_masks).round().astype(int)
     sweep_masks = np.eye(lm.layout.n_total, dtype=bool)[chosen]
     sweep_rate = masks_per_second(lm, task, items, sweep_masks)
-    support = lm.extra["partial_forward"]
-    lm.extra["partial_forward"] = Support(False, False, "the copying way, for comparison")
+    support = shortcuts(lm)
+    set_shortcuts(lm, Shortcuts(False, False, "the copying way, for comparison"))
     copying_sweep_rate = masks_per_second(lm, task, items, sweep_masks)
     copying_cs_rate = masks_per_second(lm, task, items, masks[1:])
-    lm.extra["partial_forward"] = support
+    set_shortcuts(lm, support)
     gen_ours, gen_plain = generation_rates(lm, args.gen_items, args.gen_tokens)
     flops = matmul_flops(lm.dtype)
     params = sum(p.numel() for n, p in lm.model.named_parameters() if "embed" not in n and "lm_head" not in n)
@@ -214,7 +214,7 @@ def main():
           f"(copying way {copying_cs_rate:.2f}: {1 / evaluator_per_mask / copying_cs_rate:.2f}x), single-head sweep "
           f"{sweep_rate:.2f} (copying way {copying_sweep_rate:.2f}: {sweep_rate / copying_sweep_rate:.2f}x; "
           f"a {lm.layout.n_total}-mask sweep: {lm.layout.n_total / sweep_rate / 60:.1f} min)")
-    print(f"    partial forward on this model: {support}")
+    print(f"    shortcuts on this model: {support}")
     print(f"(d) generation rows/s: evaluator {gen_ours:.2f}, plain generate() {gen_plain:.2f}: "
           f"{gen_ours / gen_plain:.2f}x  (goal >= 0.8x)")
     print(f"(e) roofline: matmul {flops / 1e9:.0f} GFLOP/s in {str(lm.dtype).replace('torch.', '')} -> "

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caploc import load_model, locate
+from caploc import Criterion, EvalOptions, LocateOptions, TaskSpec, load_model, locate, make_method
 from caploc.evaluator import Evaluator
 from caploc.experiments.locate import DEFAULT_N_CONTROL
 from caploc.stats import paired_drop
@@ -87,31 +87,32 @@ def main():
     text_eval = Evaluator(lm, text, text.items(args.n_text, seed=0), store=store)  # no method's control here
     text_base = text_eval.baseline().scores["logprob"][0]
     print(f"held-out general items: {len(general_items)}; text chunks: {args.n_text}", flush=True)
-    configs = []
+    configs = []  # (label, method, its parameters, control)
     for name in args.methods.split(","):
         if name == "refine":
-            configs.append(("refine (default, control general)", dict(method="refine", control="general")))
+            configs.append(("refine (default, control general)", "refine", {}, "general"))
         elif name == "greedy+control":  # greedy under the default's criterion: what refine restricts
-            configs.append(("greedy (control general)", dict(method="greedy", control="general")))
+            configs.append(("greedy (control general)", "greedy", {}, "general"))
         else:
-            configs.append((name, dict(method=name, control="none", **PAPER_METHODS[name])))
+            configs.append((name, name, PAPER_METHODS[name], "none"))
     for variant in filter(None, args.extra.split(",")):
         screen, m, *passes = variant.split(":")
         passes = int(passes[0]) if passes else 0
         configs.append((f"refine {screen} M={m}{f' exchange {passes}' if passes else ''} (control general)",
-                        dict(method="refine", control="general", screen=screen, n_candidates=int(m),
-                             exchange=passes)))
+                        "refine", dict(screen=screen, n_candidates=int(m), exchange_passes=passes), "general"))
     prefix_top10 = None
     rows, raw = [], {}
     for task_name in args.tasks.split(","):
         task = get_task(task_name, **TASK_OPTIONS.get(task_name, {}))
         per_config = {}
-        for label, config in configs:
+        for label, method, params, control in configs:
             runs = []
-            for seed in (greedy_seeds if config["method"] == "greedy" else seeds):
+            for seed in (greedy_seeds if method == "greedy" else seeds):
                 started = time.perf_counter()
-                run = locate(lm, task, k=args.k, n=args.n, n_validate=args.n_validate, seed=seed,
-                             n_control=args.n_control, bootstrap=args.bootstrap, store=store, **config)
+                run = locate(lm, TaskSpec(task, n=args.n, n_validate=args.n_validate, seed=seed),
+                             make_method(method, **params), k=args.k,
+                             criterion=Criterion(control=control, n_control=args.n_control),
+                             options=LocateOptions(bootstrap=args.bootstrap), evaluation=EvalOptions(store=store))
                 top = run.top_heads(args.k)
                 if task_name == "induction":  # locate's own check holds the 10 highest prefix-matching heads
                     prefix_top10 = set(run.attention_check["top"])

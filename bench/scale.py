@@ -24,7 +24,7 @@ import torch
 
 from caploc import load_model
 from caploc.evaluator import Evaluator
-from caploc.evaluator.distributed import attach_workers
+from caploc.evaluator.distributed import ray_backend
 from caploc.tasks import get_task
 
 
@@ -49,11 +49,10 @@ def main():
     single_s = time.perf_counter() - started
 
     started = time.perf_counter()
-    distributed = attach_workers(load_model(args.model, dtype="float32"), args.workers,
-                                 threads=max(1, cores // args.workers))
+    distributed = load_model(args.model, dtype="float32")
+    pool = ray_backend(distributed, args.workers, threads=max(1, cores // args.workers))
     startup_s = time.perf_counter() - started
-    pool = distributed.extra["workers"]
-    Evaluator(distributed, task, items).evaluate(masks[:2])  # warm-up on every actor
+    Evaluator(distributed, task, items, backend=pool).evaluate(masks[:2])  # warm-up on every actor
     import ray
 
     calls = 50
@@ -63,7 +62,7 @@ def main():
     round_trip_ms = 1000 * (time.perf_counter() - started) / calls
     chunks_before, overhead_before = pool.chunks, pool.overhead_seconds
     started = time.perf_counter()
-    sharded = Evaluator(distributed, task, items).evaluate(masks)
+    sharded = Evaluator(distributed, task, items, backend=pool).evaluate(masks)
     ray_s = time.perf_counter() - started
     chunks = pool.chunks - chunks_before
     identical = all(np.array_equal(single.scores[m], sharded.scores[m]) for m in single.scores)

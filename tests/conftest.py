@@ -15,3 +15,37 @@ def smollm():
     from caploc import load_model
 
     return load_model("smollm2-135m", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def planted():
+    """A tiny model whose only heads with any output are the PLANTED ones, and a task they carry."""
+    from caploc import wrap_model
+    from tiny import PlantedTask, byte_tokenizer, planted_model
+
+    model = planted_model()
+    tok = byte_tokenizer()
+    return wrap_model(model, tok, spec="planted"), PlantedTask(model, tok)
+
+
+class CliRun:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli(capsys):
+    """`caploc ARGS...` in this process (no interpreter start-up): exit code, stdout, stderr."""
+    from caploc.cli import main
+
+    def run(*args) -> CliRun:
+        capsys.readouterr()
+        code = 0
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        out = capsys.readouterr()
+        return CliRun(code, out.out, out.err)
+
+    return run

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from caploc import arch
-from caploc.ablation import head_ablation, heads_to_mask
+from caploc.ablation import component_ablation
+from caploc.masks import Masks
 from caploc.components import Head
 from caploc.sites import head_site
 from tiny import ARCHS, build
@@ -34,7 +35,7 @@ def test_hooked_equals_weight_zeroing(name):
     with torch.no_grad():
         reference = _zeroed_copy(model, heads)(ids).logits
         plain = model(ids).logits
-        with head_ablation(model).applied(heads_to_mask([[layout.index(h) for h in heads]], layout.n_total)):
+        with component_ablation(model).applied(Masks.from_sets([[layout.index(h) for h in heads]], layout.n_total)):
             hooked = model(ids).logits
     assert (hooked - reference).abs().max().item() <= TOL
     # the test can fail: the ablation really changes the output
@@ -47,7 +48,7 @@ def test_rows_in_one_batch_are_independent(name):
     layout = arch.head_layout(model)
     sets = [[], [0], [layout.n_total - 1], [1, 2, layout.n_heads]]
     ids = _ids(batch=1).expand(len(sets), -1)
-    with torch.no_grad(), head_ablation(model).applied(heads_to_mask(sets, layout.n_total)):
+    with torch.no_grad(), component_ablation(model).applied(Masks.from_sets(sets, layout.n_total)):
         batched = model(ids).logits
     for row, indices in enumerate(sets):
         edited = _zeroed_copy(model, [layout.head(i) for i in indices])
@@ -63,7 +64,7 @@ def test_no_mask_is_bit_identical_to_unhooked(name):
     ids = _ids()
     with torch.no_grad():
         plain = model(ids).logits
-        ablation = head_ablation(model)
+        ablation = component_ablation(model)
         with ablation.applied(torch.zeros(3, layout.n_total, dtype=torch.bool)):
             empty = model(ids).logits
         with ablation.applied(None):
@@ -82,8 +83,8 @@ def test_generate_with_kv_cache_matches_weight_zeroing(name):
         reference = _zeroed_copy(model, heads).generate(ids, **kwargs)
         plain = model.generate(ids, **kwargs)
         # row 0 ablated, row 1 untouched: both in one generate() call
-        mask = heads_to_mask([[layout.index(h) for h in heads], []], layout.n_total)
-        with head_ablation(model).applied(mask):
+        mask = Masks.from_sets([[layout.index(h) for h in heads], []], layout.n_total)
+        with component_ablation(model).applied(mask):
             hooked = model.generate(ids, **kwargs)
     assert torch.equal(hooked[0], reference[0])
     assert torch.equal(hooked[1], plain[1])
@@ -103,7 +104,7 @@ def test_mean_ablation_replaces_head_output_by_reference_mean():
     handle.remove()
     expected_mean = captured[0][..., head.head * d:(head.head + 1) * d].reshape(-1, d).mean(0)
 
-    ablation = head_ablation(model, mode="mean")
+    ablation = component_ablation(model, mode="mean")
 
     def run_reference(set_weights):
         set_weights(torch.ones(ids.shape))
@@ -112,7 +113,7 @@ def test_mean_ablation_replaces_head_output_by_reference_mean():
     ablation.fit_means(run_reference)
     assert torch.allclose(ablation.means[head.layer, head.head], expected_mean, atol=1e-6)
     seen = []
-    with torch.no_grad(), ablation.applied(heads_to_mask([[layout.index(head)]], layout.n_total)):
+    with torch.no_grad(), ablation.applied(Masks.from_sets([[layout.index(head)]], layout.n_total)):
         probe = proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
         model(ids[:1])
         probe.remove()

@@ -5,21 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from caploc import CaplocError, compare, locate, specificity, universal, wrap_model
+from caploc import (CaplocError, EvalOptions, LocateOptions, TaskSpec, TaskSuite, compare, locate, specificity,
+                    universal)
 from caploc.experiments.suite import repetition_rate
 from caploc.store import EvalStore
 from caploc.tasks import get_task
-from test_methods import PLANTED, PlantedTask, planted_model
-from tiny import byte_tokenizer
+from tiny import PLANTED
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-@pytest.fixture(scope="module")
-def planted():
-    model = planted_model()
-    tok = byte_tokenizer()
-    return wrap_model(model, tok, spec="planted"), PlantedTask(model, tok)
 
 
 def test_repetition_rate():
@@ -32,8 +25,8 @@ def test_universal_flags_only_heads_that_matter_everywhere(planted, tmp_path):
     lm, task = planted
     general = get_task("general", subtask="knowledge")
     user = get_task(str(FIXTURES / "user_target_mini.jsonl"))
-    report = universal(lm, [task, general, user], n=6, threshold=0.015, min_tasks=2,
-                       store=EvalStore(tmp_path / "s.sqlite"), out=tmp_path / "uni")
+    report = universal(lm, TaskSuite([task, general, user], n=6), threshold=0.015, min_tasks=2,
+                       evaluation=EvalOptions(store=EvalStore(tmp_path / "s.sqlite")), out=tmp_path / "uni")
     rows = {r["head"]: r for r in report["heads"]}
     assert len(rows) == lm.layout.n_total
     planted_names = {str(h) for h in PLANTED}
@@ -51,55 +44,55 @@ def test_universal_flags_only_heads_that_matter_everywhere(planted, tmp_path):
     saved = json.loads((tmp_path / "uni" / "universal.json").read_text())
     assert saved["universal_heads"] == report["universal_heads"]
     # locate --exclude-universal never reports them
-    run = locate(lm, task, "1s-greedy", k=3, n=16, store=EvalStore(tmp_path / "s.sqlite"),
-                 exclude_universal=tmp_path / "uni")
+    run = locate(lm, TaskSpec(task, n=16), "1s-greedy", k=3, options=LocateOptions(exclude_universal=tmp_path / "uni"),
+                 evaluation=EvalOptions(store=EvalStore(tmp_path / "s.sqlite")))
     assert not set(h["head"] for h in run["heads"]) & set(report["universal_heads"])
     assert set(run["excluded_heads"]) == set(report["universal_heads"])
 
 
 def test_universal_signature_for_generation_tasks(planted, tmp_path):
     lm, _ = planted
-    report = universal(lm, ["rhyme", "general"], n=2, candidates="L1H3,L0H0", max_new_tokens=6,
-                       store=EvalStore(tmp_path / "s.sqlite"))
+    report = universal(lm, TaskSuite("rhyme,general", n=2), candidates="L1H3,L0H0",
+                       evaluation=EvalOptions(max_new_tokens=6, store=EvalStore(tmp_path / "s.sqlite")))
     null = next(r for r in report["heads"] if r["head"] == "L0H0")
     assert null["relative_drop"] == {"rhyme": 0.0, "general": 0.0} and not null["universal"]
     sig = next(r for r in report["heads"] if r["head"] == "L1H3")["signature"]["rhyme"]
     assert {"repetition_baseline", "repetition", "baseline", "ablated"} <= set(sig)
     with pytest.raises(CaplocError, match="min_tasks must be between"):
-        universal(lm, ["general"], n=2, candidates="L0H0", min_tasks=2)
+        universal(lm, TaskSuite("general", n=2), candidates="L0H0", min_tasks=2)
 
 
 def test_specificity_of_planted_heads_and_from_run(planted, tmp_path):
     lm, task = planted
-    store = EvalStore(tmp_path / "s.sqlite")
+    store = EvalOptions(store=EvalStore(tmp_path / "s.sqlite"))
     heads = ",".join(str(h) for h in PLANTED)
-    report = specificity(lm, heads, [task, "general"], n=12, store=store)
+    report = specificity(lm, heads, TaskSuite([task, "general"], n=12), evaluation=store)
     assert report["heads"] == [str(h) for h in PLANTED]
     planted_row = report["tasks"]["planted"]
     assert planted_row["metric"] == "acc" and planted_row["drop"] > 0
     assert report["general"]["tasks"] == ["general"]
     assert set(report["tasks"]["general"]["metrics"]) == {"acc", "acc_norm", "logprob", "logprob_all"}
     # ablating heads that do nothing: zero drop everywhere
-    null = specificity(lm, "L0H0,L0H1", [task, "general"], n=12, store=store)
+    null = specificity(lm, "L0H0,L0H1", TaskSuite([task, "general"], n=12), evaluation=store)
     assert all(r["drop"] == 0 for r in null["tasks"].values())
 
     # --from a locate run on a user's own task file: its task is rebuilt from the file, on held-out items
     user_file = str(FIXTURES / "user_target_mini.jsonl")
     run_dir = tmp_path / "run"
-    locate(lm, user_file, "1s-greedy", k=2, n=1, n_validate=1, store=store, out=run_dir)
-    from_run = specificity(lm, tasks=["user_target_mini", "general"], n=2, from_run=run_dir, store=store)
+    locate(lm, TaskSpec(user_file, n=1, n_validate=1), "1s-greedy", k=2, evaluation=store, out=run_dir)
+    from_run = specificity(lm, suite=TaskSuite("user_target_mini,general", n=2), from_run=run_dir, evaluation=store)
     assert from_run["heads"] == json.loads((run_dir / "result.json").read_text())["ranking"][:2]
     assert from_run["tasks"]["user_target_mini"]["offset"] == 1
     assert (run_dir / "specificity.json").exists()
     with pytest.raises(CaplocError, match=r"give the heads to ablate \(heads, .*\) or a locate run \(from_run\)"):
-        specificity(lm, tasks=["general"])
+        specificity(lm, suite=TaskSuite("general"))
 
 
 def test_compare_runs(planted, tmp_path):
     lm, task = planted
-    store = EvalStore(tmp_path / "s.sqlite")
-    locate(lm, task, "1s-greedy", k=3, n=16, store=store, out=tmp_path / "a")
-    locate(lm, task, "greedy", k=3, n=16, seed=1, store=store, out=tmp_path / "b")
+    store = EvalOptions(store=EvalStore(tmp_path / "s.sqlite"))
+    locate(lm, TaskSpec(task, n=16), "1s-greedy", k=3, evaluation=store, out=tmp_path / "a")
+    locate(lm, TaskSpec(task, n=16, seed=1), "greedy", k=3, evaluation=store, out=tmp_path / "b")
     report = compare(tmp_path / "a", tmp_path / "b")
     assert report["overlap"] == 3 and report["jaccard"] == 1.0
     assert set(report["shared"]) == {str(h) for h in PLANTED}

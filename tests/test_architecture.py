@@ -24,14 +24,14 @@ FIXTURES = Path(__file__).parent / "fixtures"
 # components -> masks -> evaluator -> methods -> experiments (results, store) -> api -> cli".
 LAYERS = [
     {"errors"},
-    {"files", "stats", "components"},
-    {"arch", "data", "sandbox", "store"},
-    {"models", "sites", "tasks"},
+    {"files", "stats", "components", "params", "masks"},
+    {"arch", "records", "sandbox", "store", "model_files"},
+    {"models", "sites", "hooks", "tasks"},
     {"ablation"},
     {"evaluator"},
     {"methods"},
     {"experiments"},
-    {"api", "lmeval"},
+    {"api", "lmeval", "plugins"},
     {"cli", "__init__", "__main__"},
 ]
 
@@ -167,9 +167,13 @@ def test_library_errors_name_parameters_and_the_cli_names_flags():
     with pytest.raises(ParameterError, match="^k must be positive$") as info:
         caploc.locate(wrap_model(build("llama"), byte_tokenizer()), "arithmetic", k=0)
     assert info.value.render(lambda p: f"--{p}") == "--k must be positive"
-    from caploc.cli.options import flag
+    from caploc.cli import app
+    from caploc.cli.expand import flag_of
 
-    assert flag("n_masks") == "--masks" and flag("min_tasks") == "--min-tasks" and flag("from_run") == "--from"
+    app.build()  # the commands' flags, from the specs and registries
+    assert flag_of("n_masks") == "--masks" and flag_of("min_tasks") == "--min-tasks" and flag_of("from_run") == "--from"
+    assert flag_of("n_candidates") == "--candidates" and flag_of("tolerance") == "--control-tolerance"
+    assert flag_of("length") == "--task-arg length" and flag_of("n_tokens") == "--tokens"
 
 
 def test_results_are_typed_and_versioned(tmp_path):
@@ -177,8 +181,8 @@ def test_results_are_typed_and_versioned(tmp_path):
     from caploc.store import EvalStore
 
     store = EvalStore(tmp_path / "s.sqlite")
-    result = caploc.locate(lm, "arithmetic", "1s-greedy", k=2, n=2, n_validate=2, subtask="2D+", shots=1,
-                           store=store, out=tmp_path / "run")
+    spec = caploc.TaskSpec("arithmetic", subtask="2D+", shots=1, n=2, n_validate=2)
+    result = caploc.locate(lm, spec, "1s-greedy", k=2, evaluation=caploc.EvalOptions(store=store), out=tmp_path / "run")
     assert isinstance(result, LocateResult)
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved["schema_version"] == SCHEMA_VERSION and saved["command"] == "locate"
@@ -187,7 +191,7 @@ def test_results_are_typed_and_versioned(tmp_path):
     assert json.dumps(again.to_dict(), default=json_default) == json.dumps(result.to_dict(), default=json_default)
     assert again.top_heads() == result.ranking[:2]
     assert result["heads"] == result.heads  # the mapping view reads the JSON form
-    evaluated = caploc.evaluate(lm, "arithmetic", n=2, subtask="2D+", shots=1, ablate="L0H1")
+    evaluated = caploc.evaluate(lm, spec, ablate="L0H1")
     assert evaluated.to_dict()["schema_version"] == SCHEMA_VERSION and evaluated.ablated_heads == ["L0H1"]
     newer = dict(saved, schema_version=SCHEMA_VERSION + 1)
     (tmp_path / "future.json").write_text(json.dumps(newer))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from caploc import CaplocError, arch, wrap_model
+from caploc import CaplocError, EvalOptions, SAEOptions, TaskSuite, arch, wrap_model
 from caploc.experiments.density import (BatchedSAE, _apportion, allocate, compress, density, density_from_features, head_outputs,
                         train_sae, wanda_per_head)
 from caploc.store import EvalStore
@@ -94,14 +94,15 @@ def test_text_stream_split_is_disjoint():
 def test_density_and_compress_on_a_tiny_model(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPLOC_CACHE", str(tmp_path / "cache"))
     lm = wrap_model(build("llama"), byte_tokenizer(), spec="tiny")
-    report = density(lm, n_tokens=512, window=64, steps=40, out=tmp_path)
+    sae = SAEOptions(n_tokens=512, window=64, steps=40)
+    report = density(lm, sae, out=tmp_path)
     assert len(report["density"]) == len(report["wanda"]) == lm.layout.n_total
     assert all(0 <= v <= 1 for v in report["density"]) and all(v > 0 for v in report["wanda"])
     assert -1 <= report["spearman_density_wanda"] <= 1
-    again = density(lm, n_tokens=512, window=64, steps=40)  # from the cache
+    again = density(lm, sae)  # from the cache
     assert again["density"] == report["density"]
-    result = compress(lm, 0.25, n=4, tasks="general", store=EvalStore(tmp_path / "s.sqlite"), n_tokens=512,
-                      window=64, steps=40, out=tmp_path)
+    result = compress(lm, 0.25, suite=TaskSuite("general", n=4), sae=sae,
+                      evaluation=EvalOptions(store=EvalStore(tmp_path / "s.sqlite")), out=tmp_path)
     rows = {r["allocation"]: r for r in result["rows"]}
     assert set(rows) == {"none", "density", "uniform", "wanda"}
     assert all(rows[a]["removed"] == 3 for a in ("density", "uniform", "wanda"))

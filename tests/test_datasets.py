@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from caploc import CaplocError
-from caploc.data import load_records
+from caploc.records import load_records
 from caploc.tasks import GENERAL_TASKS, TASKS, get_task
 
 LAYOUTS = Path(__file__).parent / "fixtures" / "layouts"
@@ -44,7 +44,7 @@ def test_arc_release_with_numbered_options_and_lm_eval_prompt():
     numbered = items["NYSEDREGENTS_2012_4_3"]
     assert numbered.label == 0 and numbered.choices[0] == " a meter stick"
     assert items["Mercury_SC_401144"].context == "Question: Which of these is a source of light?\nAnswer:"
-    assert TASKS["arc_easy"].default_metric == "acc" and TASKS["arc_challenge"].default_metric == "acc_norm"
+    assert TASKS["arc_easy"].cls.default_metric == "acc" and TASKS["arc_challenge"].cls.default_metric == "acc_norm"
 
 
 def test_prompts_follow_lm_eval():

@@ -59,7 +59,7 @@ def test_caploc_model_loglikelihoods_equal_caplocs_evaluator(smollm):
     from lm_eval.tasks import TaskManager
 
     from caploc.lmeval import CaplocLM
-    from caploc.tasks.lmeval import LOADED
+    from caploc.tasks.harness import LOADED
 
     model = CaplocLM.create_from_arg_obj({"pretrained": smollm, "ablate": ",".join(HEADS)})
     assert [str(h) for h in model.heads] == HEADS

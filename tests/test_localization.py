@@ -5,16 +5,20 @@ import numpy as np
 import torch
 import pytest
 
-from caploc import locate, wrap_model
+from caploc import Criterion, EvalOptions, LocateOptions, TaskSpec, locate, wrap_model
 from caploc.evaluator import EvalResult, Evaluator
 from caploc.experiments.locate import selection_frequency
-from caploc.methods import (AttributionPatching, CompressedSensing, Greedy, Objective, OneShotGreedy, ScreenRefine,
-                            make_method)
+from caploc.masks import Masks
+from caploc.methods import (AttributionPatching, CompressedSensing, Greedy, Objective, OneShotGreedy,
+                            RestrictedGreedy, ScreenRefine, make_method)
 from caploc.store import EvalStore
 from caploc.tasks import get_task
 from caploc.tasks.base import TargetTask
-from test_methods import PLANTED, _objective, planted, planted_model  # noqa: F401 - the fixture
-from tiny import build, byte_tokenizer
+from tiny import PLANTED, build, byte_tokenizer, planted_model
+from tiny import planted_objective as _objective
+
+NO_STORE = EvalOptions(store=False)
+NO_CONTROL = Criterion(control="none")
 
 
 class PlantedResponses:
@@ -23,20 +27,21 @@ class PlantedResponses:
 
     def __init__(self, effects: np.ndarray, n_items: int = 40, base: float = -2.0, seed: int = 0, name="t"):
         self.effects = np.asarray(effects, dtype=float)
-        self.n_heads = len(effects)
+        self.n_components = len(effects)
         rng = np.random.default_rng(seed)
         self.item_base = base + 0.1 * rng.standard_normal(n_items)
         self.item_gain = 1 + 0.2 * rng.standard_normal(n_items)  # items feel the heads unequally
-        self.task = type("T", (), {"identification_metric": "logprob", "name": name})()
+        self.task = type("T", (), {"identification_metric": "logprob", "name": name,
+                                   "has_gradient": lambda self, metric: True})()
 
     def evaluate(self, masks):
-        masks = np.asarray(masks, dtype=bool)
-        drop = masks.astype(float) @ self.effects
+        masks = Masks.of(masks, self.n_components)
+        drop = masks.rows.astype(float) @ self.effects
         scores = self.item_base[None] - drop[:, None] * self.item_gain[None]
         return EvalResult(masks=masks, scores={"logprob": scores}, item_ids=[])
 
     def baseline(self):
-        return self.evaluate(np.zeros((1, self.n_heads), dtype=bool))
+        return self.evaluate(Masks.none(1, self.n_components))
 
     def gradients(self, metric, ablated=None):
         # score(multiplier s of head i) = base - effect_i * gain * (1 - s): d score / d s = effect_i * gain,
@@ -60,8 +65,8 @@ def _planted_pair():
 
 @pytest.mark.parametrize("method", [OneShotGreedy(), Greedy(), AttributionPatching(),
                                     CompressedSensing("bernoulli", n_masks=120, sparsity=0.1, seed=0),
-                                    ScreenRefine(AttributionPatching(), 6), make_method("refine", screen="css",
-                                                                                        n_masks=120, sparsity=0.1)],
+                                    ScreenRefine("atp", 6, exchange_passes=0),
+                                    make_method("refine", screen="css", n_masks=120, sparsity=0.1)],
                          ids=["1s-greedy", "greedy", "atp", "csb", "refine-atp", "refine-css"])
 def test_control_aware_methods_skip_a_head_that_also_breaks_the_control(method):
     target, control = _planted_pair()
@@ -174,7 +179,7 @@ def test_atp_gradients_for_multiple_choice_logit_difference():
 def test_refine_over_every_head_is_plain_iterative_greedy(planted):
     lm, _ = planted
     greedy = Greedy().run(_objective(planted), k=3)
-    refine = ScreenRefine(AttributionPatching(), n_candidates=lm.layout.n_total).run(_objective(planted), k=3)
+    refine = ScreenRefine("atp", n_candidates=lm.layout.n_total, exchange_passes=0).run(_objective(planted), k=3)
     assert refine.top(3) == greedy.top(3)
     assert [r["head"] for r in refine.details["rounds"]] == [r["head"] for r in greedy.details["rounds"]]
     assert {lm.layout.head(i) for i in refine.top(3)} == set(PLANTED)
@@ -191,9 +196,9 @@ def test_atp_misses_a_saturated_head_that_refine_with_a_cs_screen_finds(planted)
     assert exact[0] > 1.0 and abs(estimated[l1h3]) < 0.05
     atp_top = AttributionPatching().run(objective, 3).top(6)
     assert l1h3 not in atp_top
-    screen = CompressedSensing("stratified", n_masks=40, sparsity=0.1, seed=0)
     objective = _objective(planted)
-    result = ScreenRefine(screen, n_candidates=6).run(objective, k=3)
+    result = ScreenRefine("css", n_candidates=6, exchange_passes=0, n_masks=40, sparsity=0.1, seed=0).run(objective,
+                                                                                                         k=3)
     assert {lm.layout.head(i) for i in result.top(3)} == set(PLANTED)
     assert objective.requested == 40 + 6 + 5 + 4  # the screen's masks, then greedy over its 6 candidates
     assert len(result.details["candidates"]) == 6
@@ -201,7 +206,7 @@ def test_atp_misses_a_saturated_head_that_refine_with_a_cs_screen_finds(planted)
 
 def test_bootstrap_frequencies_are_deterministic_given_the_seed(planted):
     objective = _objective(planted)
-    method = ScreenRefine(CompressedSensing("stratified", n_masks=40, sparsity=0.1, seed=0), n_candidates=8)
+    method = ScreenRefine("css", n_candidates=8, exchange_passes=0, n_masks=40, sparsity=0.1, seed=0)
     method.run(objective, k=3)
     requested = objective.requested
     a = selection_frequency(method, objective, 3, 40, seed=0)
@@ -221,12 +226,13 @@ def test_bootstrap_frequencies_are_deterministic_given_the_seed(planted):
 
 def test_locate_with_control_seeds_and_stability(planted, tmp_path):
     lm, task = planted
-    store = EvalStore(tmp_path / "s.sqlite")
+    store = EvalOptions(store=EvalStore(tmp_path / "s.sqlite"))
     # in this random tiny model the planted heads are the only live ones, so they carry the control too:
     # penalty 0 keeps the target's ranking while the control is still measured and reported
-    run = locate(lm, task, "refine", k=3, n=12, n_validate=6, control="general", n_control=4, penalty=0.0,
-                 screen="css", n_masks=30, sparsity=0.1, bootstrap=10, seeds=[0, 1], store=store,
-                 out=tmp_path / "run")
+    run = locate(lm, TaskSpec(task, n=12, n_validate=6), make_method("refine", screen="css", n_masks=30,
+                                                                      sparsity=0.1), k=3,
+                 criterion=Criterion(control="general", n_control=4, penalty=0.0),
+                 options=LocateOptions(bootstrap=10, seeds=(0, 1)), evaluation=store, out=tmp_path / "run")
     assert {h["head"] for h in run.heads} == {str(h) for h in PLANTED}
     assert all(h["selection_frequency"] >= 0.5 and h["seed_frequency"] == 1.0 for h in run.heads)
     assert run.stability["mean_pairwise_overlap"] == 3 and len(run.stability["top_k_per_seed"]) == 2
@@ -236,18 +242,23 @@ def test_locate_with_control_seeds_and_stability(planted, tmp_path):
 
     written = report(tmp_path / "run")
     assert "effects" in written.figures
-    plain = locate(lm, task, "1s-greedy", k=3, n=12, control="none", bootstrap=0, store=store)
+    plain = locate(lm, TaskSpec(task, n=12), "1s-greedy", k=3, criterion=NO_CONTROL,
+                   options=LocateOptions(bootstrap=0), evaluation=store)
     assert plain.control["tasks"] == [] and plain.head_effects["control"] is None and plain.stability == {}
 
 
-def test_the_budget_counts_the_tokens_the_gradient_screen_runs(planted):
-    """Gradients are never stored, so the budget counts what they run: three passes (forward + backward) per
-    token per gradient point; a few-shot prefix shared by the items once, every other row with its whole
-    prompt, and only the sequences the metric uses (a multiple-choice `logprob`: the correct choice)."""
+def test_the_budget_counts_the_tokens_the_gradient_screen_runs(planted, tmp_path):
+    """The budget counts what gradients run: three passes (forward + backward) per token per gradient point; a
+    few-shot prefix shared by the items once, every other row with its whole prompt, and only the sequences
+    the metric uses (a multiple-choice `logprob`: the correct choice). They are stored: a rerun computes
+    none, and its logical budget is the same."""
     from caploc.evaluator.requests import MIN_SHARED_PREFIX
 
     lm, task = planted
-    run = locate(lm, task, "refine", k=2, n=6, n_validate=3, control="general", n_control=3, bootstrap=0)
+    args = (lm, TaskSpec(task, n=6, n_validate=3), "refine")
+    kwargs = dict(k=2, criterion=Criterion(control="general", n_control=3), options=LocateOptions(bootstrap=0),
+                  evaluation=EvalOptions(store=str(tmp_path / "s.sqlite")))
+    run = locate(*args, **kwargs)
     tokens = 0
     for t, n in ((task, 6), (get_task("general"), 3)):
         evaluator = Evaluator(lm, t, t.items(n, 0))
@@ -266,6 +277,10 @@ def test_the_budget_counts_the_tokens_the_gradient_screen_runs(planted):
     assert budget["logical_model_tokens"] == (budget["evaluations"] * per_mask[0] + budget["gradient_model_tokens"]
                                               + budget["control_evaluations"] * per_mask[1])
     assert 0 < budget["control_evaluations"] < budget["evaluations"]  # greedy rounds bound the controls
+    rerun = locate(*args, **kwargs)
+    assert rerun.budget["gradient_model_tokens"] == rerun.budget["computed_evaluations"] == 0
+    assert rerun.budget["logical_model_tokens"] == budget["logical_model_tokens"]
+    assert rerun.ranking == run.ranking
 
 
 def test_induction_and_ioi_items_are_seeded_and_well_formed():
@@ -287,11 +302,11 @@ def test_induction_and_ioi_items_are_seeded_and_well_formed():
 
 
 def test_prefix_matching_scores_find_a_planted_induction_pattern():
-    from caploc.experiments.evaluate import prefix_matching_scores
+    from caploc.tasks import Induction
 
     lm = wrap_model(build("llama"), byte_tokenizer(), spec="tiny")
     before = lm.model.config._attn_implementation
-    scores = prefix_matching_scores(lm, n=2, length=12)
+    scores = Induction.head_scores(lm, n=2, length=12)["prefix_matching"]
     assert scores.shape == (lm.layout.n_layers, lm.layout.n_heads)
     assert ((scores >= 0) & (scores <= 1)).all()
     assert not any(m._forward_pre_hooks for m in lm.model.modules())
@@ -302,7 +317,8 @@ def test_locate_checks_its_heads_against_the_attention_signature_of_induction_an
     from caploc import api
     from caploc.cli import render
 
-    run = locate(smollm, "induction", "atp", k=5, n=6, n_validate=4, control="none", bootstrap=0, store=False)
+    quick = dict(criterion=NO_CONTROL, options=LocateOptions(bootstrap=0), evaluation=NO_STORE)
+    run = locate(smollm, TaskSpec("induction", n=6, n_validate=4), "atp", k=5, **quick)
     check = run.attention_check
     assert check["score"] == "prefix_matching" and len(check["top"]) == 10
     # SmolLM2's induction heads (bench/locate_quality.py, bf16): the fp32 model has the same ones on top
@@ -314,19 +330,19 @@ def test_locate_checks_its_heads_against_the_attention_signature_of_induction_an
         render.print_locate(run)
     assert (f"attention check (prefix matching, Olsson et al. 2022, repeated random tokens): "
             f"{len(check['reported_in_top'])} of the top-5 among the 10 highest heads") in captured.get()
-    ioi = locate(smollm, "ioi", "atp", k=2, n=4, n_validate=2, control="none", bootstrap=0, store=False)
+    ioi = locate(smollm, TaskSpec("ioi", n=4, n_validate=2), "atp", k=2, **quick)
     # the name mover by attention: from the last token, L24H4 looks at the indirect object, not the subject
     assert ioi.attention_check["score"] == "name_mover" and ioi.attention_check["top"][0] == "L24H4"
     heads = {h["head"]: h for h in api.heads(smollm, scores="ioi").heads}
     assert heads["L24H4"]["name_mover"] > 0.4 > heads["L24H4"]["subject"]
-    assert locate(smollm, "arithmetic", "atp", k=2, n=4, n_validate=2, subtask="2D+", control="none",
-                  bootstrap=0, store=False).attention_check == {}
+    assert locate(smollm, TaskSpec("arithmetic", subtask="2D+", n=4, n_validate=2), "atp", k=2,
+                  **quick).attention_check == {}
 
 
 def test_attention_signatures_tell_previous_token_and_induction_heads_apart():
     """Constructed attention patterns on a BOS and a 6-token sequence repeated: a head that always attends to
     the token before, one that attends to the token after the query's first occurrence, one to itself."""
-    from caploc.experiments.evaluate import attention_signatures
+    from caploc.tasks.induction import attention_signatures
 
     length, offset = 6, 1
     total = offset + 2 * length
@@ -350,13 +366,13 @@ class BackupResponses(PlantedResponses):
 
     def evaluate(self, masks):
         result = super().evaluate(masks)
-        masks = np.asarray(masks, dtype=bool)
+        masks = result.masks.rows
         both = (masks[:, self.a] & masks[:, self.b]).astype(float)
         result.scores["logprob"] = result.scores["logprob"] - self.backup * both[:, None] * self.item_gain[None]
         return result
 
     def gradients(self, metric, ablated=None):
-        s = np.ones(self.n_heads)
+        s = np.ones(self.n_components)
         if ablated is not None:
             s[list(ablated)] = 0.0
         grad = np.tile(self.effects, (len(self.item_gain), 1)) * self.item_gain[:, None]
@@ -371,10 +387,10 @@ def test_adaptive_refine_finds_a_backup_head_the_first_gradient_cannot_see():
     responses = BackupResponses(effects, a=2, b=17, backup=0.9)
     objective = Objective(responses, "logprob")
     assert objective.estimated_drops()[0][17] == 0  # invisible to AtP at the unablated model
-    adaptive = ScreenRefine(AttributionPatching(), n_candidates=3).run(objective, 2)
+    adaptive = ScreenRefine("atp", n_candidates=3, exchange_passes=0).run(objective, 2)
     assert adaptive.top(2) == [2, 17]
     assert adaptive.details["gradient_points"] == 2
-    static = Greedy(AttributionPatching().run(Objective(responses, "logprob"), 2).ranking[:3]).run(
+    static = RestrictedGreedy(AttributionPatching().run(Objective(responses, "logprob"), 2).ranking[:3]).run(
         Objective(responses, "logprob"), 2)
     assert static.top(2) == [2, 5]  # restricted to the first screen's candidates, greedy cannot reach 17
 
@@ -384,9 +400,10 @@ def test_default_refine_screens_generation_tasks_by_regression(tmp_path):
 
     lm = wrap_model(build("llama"), byte_tokenizer(), spec="tiny-llama")
     data = str(Path(__file__).parent / "fixtures" / "gsm8k_mini.jsonl")
-    run = locate(lm, "gsm8k", k=1, n=2, n_validate=2, data=data, shots=1, control="none", bootstrap=0, n_masks=8,
-                 n_candidates=2, max_new_tokens=3)
-    assert run.method["screen"] == "csb"
+    run = locate(lm, TaskSpec("gsm8k", data=data, shots=1, n=2, n_validate=2), make_method(
+        "refine", n_masks=8, n_candidates=2), k=1, criterion=Criterion(metric="acc", control="none"),
+        options=LocateOptions(bootstrap=0), evaluation=EvalOptions(max_new_tokens=3, store=False))
+    assert run.details["screen"]["name"] == "csb"
     assert any("no gradient" in w for w in run.warnings)
 
 
@@ -426,9 +443,9 @@ def test_bootstrap_replays_of_refine_that_leave_the_evaluated_path_still_rank():
     target, control = _planted_pair()
     objective = Objective(target, "logprob", [control])
     AttributionPatching().run(objective, 2)  # the run's gradient, which replays reuse
-    Greedy([0, 1]).run(objective, 2)
+    RestrictedGreedy([0, 1]).run(objective, 2)
     replay = objective.resampled(np.random.default_rng(0))
-    untried = Greedy([5, 6]).run(replay, 2)
+    untried = RestrictedGreedy([5, 6]).run(replay, 2)
     assert untried.details["rounds"] == [] and untried.top(2) == [5, 6]
 
     class Fixed(AttributionPatching):  # a screen whose nominees the run never evaluated
@@ -437,7 +454,11 @@ def test_bootstrap_replays_of_refine_that_leave_the_evaluated_path_still_rank():
             result.ranking = [5, 6] + [i for i in result.ranking if i not in (5, 6)]
             return result
 
-    refined = ScreenRefine(Fixed(), n_candidates=2).run(replay, 2)
+    class FixedRefine(ScreenRefine):
+        def _screen(self, name):
+            return Fixed()
+
+    refined = FixedRefine("atp", n_candidates=2, exchange_passes=0).run(replay, 2)
     assert refined.top(2) == [5, 6] and refined.details["gradient_points"] == 0
 
 
@@ -445,7 +466,8 @@ def test_printed_table_shows_what_each_refine_pick_added(planted):
     from caploc.cli import render
 
     lm, task = planted
-    run = locate(lm, task, k=3, n=8, n_validate=4, control="none", bootstrap=0, n_candidates=4)
+    run = locate(lm, TaskSpec(task, n=8, n_validate=4), make_method("refine", n_candidates=4), k=3,
+                 criterion=NO_CONTROL, options=LocateOptions(bootstrap=0), evaluation=NO_STORE)
     with render.console.capture() as captured:
         render.print_locate(run)
     text = captured.get()
@@ -471,13 +493,13 @@ class SynergyResponses(PlantedResponses):
 
     def evaluate(self, masks):
         result = super().evaluate(masks)
-        masks = np.asarray(masks, dtype=bool)
+        masks = result.masks.rows
         both = (masks[:, self.b] & masks[:, self.c]).astype(float)
         result.scores["logprob"] = result.scores["logprob"] - both[:, None] * self.synergy[None]
         return result
 
     def gradients(self, metric, ablated=None):
-        s = np.ones(self.n_heads)
+        s = np.ones(self.n_components)
         if ablated is not None:
             s[list(ablated)] = 0.0
         grad = super().gradients(metric)
@@ -497,13 +519,13 @@ def test_exchange_swaps_greedys_first_pick_for_the_pair_that_pays_off_together()
     greedy = Greedy().run(Objective(responses, "logprob"), 2)
     assert greedy.top(2) == [4, 9]  # 1.6 nats; {9, 15} would remove 2.19
     objective = Objective(responses, "logprob")
-    result = ScreenRefine(AttributionPatching(), n_candidates=4, passes=2).run(objective, 2)
+    result = ScreenRefine("atp", n_candidates=4, exchange_passes=2).run(objective, 2)
     assert set(result.top(2)) == {9, 15}
     first, second = result.details["exchanges"]
     assert first["swap"] == [4, 15] and first["support"] >= 0.95
     assert first["criterion"] == pytest.approx(objective.drops(objective.set_masks([[9, 15]]))[0])
     assert second["swap"] is None  # nothing improves {9, 15}: the passes stop
-    without = ScreenRefine(AttributionPatching(), n_candidates=4, passes=0).run(Objective(responses, "logprob"), 2)
+    without = ScreenRefine("atp", n_candidates=4, exchange_passes=0).run(Objective(responses, "logprob"), 2)
     assert without.top(2) == [4, 9] and without.details["exchanges"] == []
 
 
@@ -513,7 +535,7 @@ def test_exchange_keeps_a_swap_only_if_item_resamples_agree():
     synergy = np.zeros(40)
     synergy[0] = 40.0  # the same mean synergy as above, carried by item 0
     objective = Objective(_synergy(synergy), "logprob")
-    result = ScreenRefine(AttributionPatching(), n_candidates=4, passes=2).run(objective, 2)
+    result = ScreenRefine("atp", n_candidates=4, exchange_passes=2).run(objective, 2)
     assert result.top(2) == [4, 9]
     (record,) = result.details["exchanges"]
     assert record["proposed"] == [4, 15] and record["swap"] is None
@@ -522,7 +544,7 @@ def test_exchange_keeps_a_swap_only_if_item_resamples_agree():
 
 def test_bootstrap_replays_of_refine_with_exchange_are_deterministic_and_make_no_new_evaluation():
     objective = Objective(_synergy(np.ones(40)), "logprob")
-    method = ScreenRefine(AttributionPatching(), n_candidates=4, passes=2)
+    method = ScreenRefine("atp", n_candidates=4, exchange_passes=2)
     result = method.run(objective, 2)
     asked = objective.requested
     frequency = [selection_frequency(method, objective, 2, 20, seed=3, details=result.details) for _ in range(2)]

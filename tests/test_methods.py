@@ -2,76 +2,15 @@
 
 import numpy as np
 import pytest
-import torch
-import transformers as tf
 
-from caploc import arch, wrap_model
-from caploc.api import locate
-from caploc.evaluator import Evaluator
-from caploc.components import Head
-from caploc.sites import head_site
+from caploc.api import EvalOptions, TaskSpec, locate
 from caploc.errors import ParameterError
 from caploc.methods import (DEFAULT_CANDIDATES, DEFAULT_EXCHANGE, DEFAULT_SWAPS, CompressedSensing, Greedy,
-                            HyperSearch, Objective, OneShotGreedy, ScreenRefine, bernoulli_design, make_method,
+                            HyperSearch, OneShotGreedy, ScreenRefine, bernoulli_design, make_method,
                             stratified_design)
 from caploc.store import EvalStore
-from caploc.tasks.base import Item, TargetTask
-from tiny import byte_tokenizer
-
-PLANTED = [Head(1, 3), Head(2, 5), Head(3, 0)]
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-
-def planted_model():
-    """4 layers x 8 heads; every head's output projection is zero except the planted ones (scaled up),
-    so ablating any other head has exactly no effect."""
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                            num_attention_heads=8, num_key_value_heads=4, head_dim=8, initializer_range=0.2,
-                            tie_word_embeddings=False)
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    layout = arch.head_layout(model)
-    head_site(model).zero_columns([h for h in layout.all_heads() if h not in PLANTED])
-    with torch.no_grad():
-        for h in PLANTED:
-            arch.attn_out_projs(model)[h.layer].weight[:, h.head * 8:(h.head + 1) * 8] *= 4
-    return model
-
-
-class PlantedTask(TargetTask):
-    """Targets are the letters the intact model itself prefers: ablating heads that shape the prediction
-    lowers their log-probability."""
-
-    name = "planted"
-
-    def __init__(self, model, tokenizer):
-        super().__init__()
-        letter_ids = [tokenizer.convert_tokens_to_ids(c) for c in LETTERS]
-        self.records = []
-        rng = np.random.default_rng(0)
-        for i in range(64):
-            context = "".join(rng.choice(list(LETTERS), 6)) + " ="
-            with torch.no_grad():
-                logits = model(torch.tensor([tokenizer(context)["input_ids"]])).logits[0, -1, letter_ids]
-            self.records.append(Item(id=str(i), context=context, target=LETTERS[int(logits.argmax())]))
-
-    def pool(self, seed, needed):
-        return self.shuffled(self.records, seed, "planted")
-
-
-@pytest.fixture(scope="module")
-def planted():
-    model = planted_model()
-    tok = byte_tokenizer()
-    lm = wrap_model(model, tok, spec="planted")
-    task = PlantedTask(model, tok)
-    return lm, task
-
-
-def _objective(planted, store=None):
-    lm, task = planted
-    evaluator = Evaluator(lm, task, task.items(24, seed=0), store=store)
-    return Objective(evaluator, "logprob")
+from tiny import PLANTED
+from tiny import planted_objective as _objective  # noqa: I001
 
 
 def _names(lm, indices):
@@ -84,7 +23,7 @@ def _names(lm, indices):
     CompressedSensing("stratified", n_masks=40, sparsity=0.1, seed=0),
     CompressedSensing("bernoulli", n_masks=60, sparsity=0.1, seed=1),
     CompressedSensing("stratified", n_masks=40, sparsity=0.1, alpha=0.001, seed=0),
-    HyperSearch(masks=(20, 40), sparsities=(0.05, 0.1), seed=0),
+    HyperSearch(mask_counts=(20, 40), sparsities=(0.05, 0.1), seed=0),
 ], ids=["1s-greedy", "greedy", "css", "csb", "css-fixed-alpha", "search"])
 def test_methods_recover_planted_heads(planted, method):
     lm, _ = planted
@@ -140,26 +79,27 @@ class Interrupt(Exception):
 def test_interrupted_run_resumes_without_recomputing(planted, tmp_path, monkeypatch):
     lm, task = planted
     store_path = tmp_path / "evals.sqlite"
-    kwargs = dict(method="css", k=3, n=16, seed=0, n_masks=30, sparsity=0.1, store=str(store_path))
-    reference = locate(lm, task, store=False, **{k: v for k, v in kwargs.items() if k != "store"})
+    spec, method = TaskSpec(task, n=16, seed=0), make_method("css", n_masks=30, sparsity=0.1)
+    kwargs = dict(k=3, evaluation=EvalOptions(store=str(store_path)))
+    reference = locate(lm, spec, method, k=3, evaluation=EvalOptions(store=False))
 
     real_put = EvalStore.put
     calls = {"n": 0}
 
-    def flaky_put(self, key, mask, record):
-        real_put(self, key, mask, record)
+    def flaky_put(self, key, mask, n_ablated, record):
+        real_put(self, key, mask, n_ablated, record)
         calls["n"] += 1
         if calls["n"] == 12:
             raise Interrupt("killed mid-run")
 
     monkeypatch.setattr(EvalStore, "put", flaky_put)
     with pytest.raises(Interrupt):
-        locate(lm, task, **kwargs)
+        locate(lm, spec, method, **kwargs)
     monkeypatch.setattr(EvalStore, "put", real_put)
     stored = EvalStore(store_path).count()
     assert stored == 12
 
-    resumed = locate(lm, task, out=tmp_path / "run", **kwargs)
+    resumed = locate(lm, spec, method, out=tmp_path / "run", **kwargs)
     total = reference["budget"]["computed_evaluations"]  # distinct masks of the whole run
     assert EvalStore(store_path).count() == total
     assert resumed["budget"]["reused_evaluations"] == stored
@@ -167,26 +107,31 @@ def test_interrupted_run_resumes_without_recomputing(planted, tmp_path, monkeypa
     assert resumed["ranking"] == reference["ranking"]
     assert resumed["heads"] == reference["heads"]
 
-    again = locate(lm, task, **kwargs)
+    again = locate(lm, spec, method, **kwargs)
     assert again["budget"]["computed_evaluations"] == 0
     assert again["ranking"] == reference["ranking"]
     assert (tmp_path / "run" / "result.json").exists()
 
 
-def test_refine_candidates_default_per_screen():
+def test_refine_candidates_default_per_screen(planted):
     # AtP is re-taken at every round's ablation and keeps a short list; a regression screen, taken once, a wider one
     assert DEFAULT_CANDIDATES["atp"] < DEFAULT_CANDIDATES["csb"] == DEFAULT_CANDIDATES["css"]
     for screen in ("atp", "csb", "css"):
-        method = make_method("refine", screen=screen)
+        method = make_method("refine", screen=screen, n_masks=20, sparsity=0.1)
         assert isinstance(method, ScreenRefine)
-        assert method.params()["n_candidates"] == DEFAULT_CANDIDATES[screen]
-        assert method.params()["screen"] == screen
+        assert method.params()["n_candidates"] is None and method.params()["screen"] == screen
+        result = method.run(_objective(planted), k=2)
+        assert result.details["n_candidates"] == DEFAULT_CANDIDATES[screen]  # the screen's default, recorded
     assert make_method("refine", screen="csb", n_candidates=5).params()["n_candidates"] == 5
 
 
 def test_refine_exchange_passes_default_and_are_recorded():
     params = make_method("refine").params()
     assert params["exchange_passes"] == DEFAULT_EXCHANGE > 0 and params["exchange_swaps"] == DEFAULT_SWAPS
-    assert make_method("refine", exchange=0).params()["exchange_passes"] == 0
+    assert make_method("refine", exchange_passes=0).params()["exchange_passes"] == 0
     with pytest.raises(ParameterError, match="exchange"):
-        make_method("refine", exchange=-1)
+        make_method("refine", exchange_passes=-1)
+    with pytest.raises(ParameterError, match="method atp does not take n_masks"):
+        make_method("atp", n_masks=10)
+    with pytest.raises(ParameterError, match="unknown method 'nope'"):
+        make_method("nope")

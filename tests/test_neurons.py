@@ -7,16 +7,15 @@ import pytest
 import torch
 import transformers as tf
 
-from caploc import CaplocError, arch, wrap_model
-from caploc.ablation import neuron_ablation
+from caploc import CaplocError, CNLOptions, EvalOptions, TaskSpec, arch, wrap_model
+from caploc.ablation import component_ablation
 from caploc.experiments.neurons import neuron_attributions, neurons, overlap_stats, select_commonality
 from caploc.evaluator import Evaluator
 from caploc.arch import neuron_layout
 from caploc.components import Neuron
 from caploc.sites import neuron_site
 from caploc.store import EvalStore
-from test_methods import PlantedTask
-from tiny import ARCHS, build, byte_tokenizer
+from tiny import ARCHS, PlantedTask, build, byte_tokenizer
 
 PLANTED_NEURONS = [Neuron(1, 7), Neuron(2, 40), Neuron(3, 90)]
 
@@ -33,7 +32,7 @@ def test_neuron_ablation_equals_zeroing_down_projection_columns(name):
     mask[0, [layout.index(n) for n in chosen]] = True
     with torch.no_grad():
         reference, plain = edited(ids).logits, model(ids).logits
-        with neuron_ablation(model).applied(mask):
+        with component_ablation(model, "neurons").applied(mask):
             hooked = model(ids.expand(2, -1)).logits
     assert (hooked[0] - reference[0]).abs().max().item() <= 1e-5
     assert torch.equal(hooked[1], plain[0])  # the other row is untouched
@@ -108,8 +107,9 @@ def test_cnl_recovers_planted_neurons(method, tmp_path, monkeypatch):
     planted_idx = {layout.index(n) for n in PLANTED_NEURONS}
     others = [i for i in range(layout.n_total) if i not in planted_idx]
     assert np.all(attr[:, others] == 0)  # zeroed columns: no effect, exactly zero attribution
-    report = neurons(lm, task, n=16, method=method, steps=4, top_q=0.02, min_share=0.5, general=None,
-                     store=EvalStore(tmp_path / "s.sqlite"), out=tmp_path / "run")
+    options = CNLOptions(method=method, steps=4, top_q=0.02, min_share=0.5, general=None)
+    store = EvalOptions(store=EvalStore(tmp_path / "s.sqlite"))
+    report = neurons(lm, TaskSpec(task, n=16), options, evaluation=store, out=tmp_path / "run")
     found = set(report["neurons"])
     assert found and found <= {str(n) for n in PLANTED_NEURONS}
     assert report["overlap"]["overlap_rate"] >= 0.5
@@ -119,8 +119,7 @@ def test_cnl_recovers_planted_neurons(method, tmp_path, monkeypatch):
     assert [e["factor"] for e in report["enhancement"]] == [1.1, 1.3, 2.0]
     assert all(e["metrics"]["logprob"]["drop"] != 0 for e in report["enhancement"])
     # a second run reads the attributions back from the cache and the evaluations from the store
-    again = neurons(lm, task, n=16, method=method, steps=4, top_q=0.02, min_share=0.5, general=None,
-                    store=EvalStore(tmp_path / "s.sqlite"))
+    again = neurons(lm, TaskSpec(task, n=16), options, evaluation=store)
     assert again["neurons"] == report["neurons"]
 
 

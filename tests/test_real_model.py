@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from caploc import load_model
-from caploc.ablation import head_ablation, heads_to_mask
+from caploc.ablation import component_ablation
+from caploc.masks import Masks
 from caploc.evaluator import Evaluator
 from caploc.components import Head
 from caploc.sites import head_site, neuron_site
@@ -28,9 +29,9 @@ def test_loads_with_expected_layout_and_cached_reload(smollm):
 
 def test_bf16_keeps_the_shared_prefix_and_layer_reuse():
     """bf16 is the default where the CPU runs it natively; the evaluator's savings must hold there too."""
-    from caploc.evaluator import partial
+    from caploc.evaluator import shortcuts
 
-    assert partial.support(load_model("smollm2-135m", dtype="bfloat16")) == partial.Support(True, True)
+    assert shortcuts.shortcuts(load_model("smollm2-135m", dtype="bfloat16")) == shortcuts.Shortcuts(True, True)
 
 
 def test_ablation_is_exact_against_weight_zeroing(smollm):
@@ -42,7 +43,7 @@ def test_ablation_is_exact_against_weight_zeroing(smollm):
     with torch.no_grad():
         reference = edited(ids).logits
         plain = model(ids).logits
-        with head_ablation(model).applied(heads_to_mask([[layout.index(h) for h in heads], []], layout.n_total)):
+        with component_ablation(model).applied(Masks.from_sets([[layout.index(h) for h in heads], []], layout.n_total)):
             hooked = model(ids.expand(2, -1)).logits
     assert (hooked[0] - reference[0]).abs().max().item() <= 1e-5
     assert torch.equal(hooked[1], plain[0])
@@ -71,7 +72,7 @@ def test_three_shot_addition_baseline_and_layer0_drop(smollm):
 
 
 def test_neuron_ablation_is_exact_on_the_embedded_model(smollm):
-    from caploc.ablation import neuron_ablation
+    from caploc.ablation import component_ablation
     from caploc.arch import neuron_layout
     from caploc.components import Neuron
 
@@ -86,28 +87,28 @@ def test_neuron_ablation_is_exact_on_the_embedded_model(smollm):
     mask[0, [layout.index(n) for n in chosen]] = True
     with torch.no_grad():
         reference = edited(ids).logits
-        with neuron_ablation(model).applied(mask):
+        with component_ablation(model, "neurons").applied(mask):
             hooked = model(ids).logits
     assert (hooked - reference).abs().max().item() <= 1e-5
 
 
 def test_density_and_wanda_for_every_head_of_the_embedded_model(smollm):
-    from caploc.experiments.density import density
+    from caploc.experiments.density import SAEOptions, density
 
-    report = density(smollm, n_tokens=1024, window=128, steps=30)
+    report = density(smollm, SAEOptions(n_tokens=1024, window=128, steps=30))
     assert len(report["density"]) == len(report["wanda"]) == 270
     assert all(0 <= v <= 1 for v in report["density"]) and all(v > 0 for v in report["wanda"])
     assert np.isfinite(report["spearman_density_wanda"])
 
 
 def test_a_task_the_model_barely_does_is_said_in_one_line(smollm):
-    from caploc.api import evaluate
+    from caploc.api import TaskSpec, evaluate
 
     # 5-digit addition: SmolLM2-135M gets none right; IOI it does (baseline ~0.9)
-    hard = evaluate(smollm, "arithmetic", n=20, subtask="5D+")
+    hard = evaluate(smollm, TaskSpec("arithmetic", subtask="5D+", n=20))
     assert hard.metrics["acc"]["baseline"] < 0.1
     said = [w for w in hard.warnings if "barely does arithmetic" in w]
     assert len(said) == 1 and "\n" not in said[0] and "logprob" in said[0]
-    capable = evaluate(smollm, "ioi", n=20)
+    capable = evaluate(smollm, TaskSpec("ioi", n=20))
     assert capable.metrics["acc"]["baseline"] >= 0.5
     assert not [w for w in capable.warnings if "barely" in w]

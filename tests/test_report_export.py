@@ -14,7 +14,8 @@ import torch
 
 import caploc
 from caploc import CaplocError
-from caploc.ablation import head_ablation, heads_to_mask
+from caploc.ablation import component_ablation
+from caploc.masks import Masks
 from caploc.store import EvalStore
 
 pytestmark = pytest.mark.slow
@@ -25,11 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def real_run(smollm, tmp_path_factory):
     """A small but real locate run of the embedded model, with specificity and universal results."""
     run_dir = tmp_path_factory.mktemp("run") / "add"
-    store = EvalStore(tmp_path_factory.mktemp("store") / "s.sqlite")
-    caploc.locate(smollm, "arithmetic", "csb", k=3, n=8, n_masks=16, subtask="2D+", store=store, out=run_dir)
-    caploc.specificity(smollm, tasks="arithmetic,general", n=8, from_run=run_dir, store=store)
-    caploc.universal(smollm, "arithmetic,general", n=4, candidates="L0,L1", store=store,
-                     out=run_dir, task_options={"arithmetic": {"subtask": "2D+"}})
+    store = caploc.EvalOptions(store=EvalStore(tmp_path_factory.mktemp("store") / "s.sqlite"))
+    caploc.locate(smollm, caploc.TaskSpec("arithmetic", subtask="2D+", n=8), caploc.make_method("csb", n_masks=16),
+                  k=3, evaluation=store, out=run_dir)
+    caploc.specificity(smollm, suite=caploc.TaskSuite("arithmetic,general", n=8), from_run=run_dir, evaluation=store)
+    caploc.universal(smollm, caploc.TaskSuite("arithmetic,general", n=4, subtask={"arithmetic": "2D+"}),
+                     candidates="L0,L1", evaluation=store, out=run_dir)
     return run_dir
 
 
@@ -100,8 +102,8 @@ def test_export_round_trip_plain_transformers(smollm, real_run, tmp_path):
     exported = torch.from_numpy(np.load(tmp_path / "exported.npy"))
     layout = smollm.layout
     with torch.no_grad():
-        with head_ablation(smollm.model).applied(
-                heads_to_mask([[layout.index(h) for h in layout.parse_list(heads)]], layout.n_total)):
+        with component_ablation(smollm.model).applied(
+                Masks.from_sets([[layout.index(h) for h in layout.parse_list(heads)]], layout.n_total)):
             hooked = smollm.model(ids).logits
         plain = smollm.model(ids).logits
     assert (exported - hooked).abs().max().item() <= 1e-5

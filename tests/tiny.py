@@ -3,8 +3,14 @@ and a byte-level tokenizer, so unit tests need no downloaded weights."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import transformers as tf
+
+from caploc import arch
+from caploc.components import Head
+from caploc.sites import head_site
+from caploc.tasks.base import Item, TargetTask
 
 VOCAB = 260  # 256 bytes + 4 specials
 
@@ -53,3 +59,53 @@ def byte_tokenizer():
     fast.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
                           "{% if add_generation_prompt %}<assistant>{% endif %}")
     return fast
+
+
+PLANTED = [Head(1, 3), Head(2, 5), Head(3, 0)]
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def planted_model():
+    """4 layers x 8 heads; every head's output projection is zero except the planted ones (scaled up),
+    so ablating any other head has exactly no effect."""
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=8, initializer_range=0.2,
+                            tie_word_embeddings=False)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    layout = arch.head_layout(model)
+    head_site(model).zero_columns([h for h in layout.all_heads() if h not in PLANTED])
+    with torch.no_grad():
+        for h in PLANTED:
+            arch.attn_out_projs(model)[h.layer].weight[:, h.head * 8:(h.head + 1) * 8] *= 4
+    return model
+
+
+class PlantedTask(TargetTask):
+    """Targets are the letters the intact model itself prefers: ablating heads that shape the prediction
+    lowers their log-probability."""
+
+    name = "planted"
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        letter_ids = [tokenizer.convert_tokens_to_ids(c) for c in LETTERS]
+        self.records = []
+        rng = np.random.default_rng(0)
+        for i in range(64):
+            context = "".join(rng.choice(list(LETTERS), 6)) + " ="
+            with torch.no_grad():
+                logits = model(torch.tensor([tokenizer(context)["input_ids"]])).logits[0, -1, letter_ids]
+            self.records.append(Item(id=str(i), context=context, target=LETTERS[int(logits.argmax())]))
+
+    def pool(self, seed, needed):
+        return self.shuffled(self.records, seed, "planted")
+
+
+def planted_objective(planted, store=None):
+    """The planted task's logprob objective on 24 items."""
+    from caploc.evaluator import Evaluator
+    from caploc.methods import Objective
+
+    lm, task = planted
+    return Objective(Evaluator(lm, task, task.items(24, seed=0), store=store), "logprob")

@@ -13,12 +13,13 @@ row with no ablation is bit-identical to the unhooked model and nothing is left 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from caploc.errors import CaplocError, ParameterError
+from caploc.masks import Masks
 from caploc.sites import ComponentSite
 
 ABLATION_MODES = ("zero", "mean")
@@ -40,12 +41,14 @@ class ComponentAblation:
         return self.site.n_total
 
     @contextmanager
-    def applied(self, mask: torch.Tensor | None = None, *, scales: torch.Tensor | None = None) -> Iterator[None]:
-        """Inside the block, row r of every batch is ablated by `mask[r]` (bool [rows, n_total], True
-        ablates), or scaled by `scales[r]` (float [rows, n_total], 1 = untouched). A single row applies to
-        every row of the batch."""
-        if scales is None:
-            scales = None if mask is None else (~mask.bool()).to(torch.float64)
+    def applied(self, masks: Masks | torch.Tensor | None = None, *,
+                scales: torch.Tensor | None = None) -> Iterator[None]:
+        """Inside the block, row r of every batch is ablated by mask r (`Masks`, or their bool tensor
+        [rows, n_total] on the model's device: True ablates), or scaled by `scales[r]` (float [rows, n_total],
+        1 = untouched). A single row applies to every row of the batch."""
+        if scales is None and masks is not None:
+            mask = masks.tensor() if isinstance(masks, Masks) else masks
+            scales = (~mask.bool()).to(torch.float64)
         if scales is None:
             yield
             return
@@ -107,23 +110,5 @@ class ComponentAblation:
 
 
 def component_ablation(model: nn.Module, components: str = "heads", mode: str = "zero") -> ComponentAblation:
+    """Ablation of the model's `components` (heads or neurons) in `mode` (zero or mean)."""
     return ComponentAblation(ComponentSite(model, components), mode)
-
-
-def head_ablation(model: nn.Module, mode: str = "zero") -> ComponentAblation:
-    return component_ablation(model, "heads", mode)
-
-
-def neuron_ablation(model: nn.Module, mode: str = "zero") -> ComponentAblation:
-    return component_ablation(model, "neurons", mode)
-
-
-def heads_to_mask(head_sets: Iterable[Iterable[int]], n_total: int) -> torch.Tensor:
-    """Bool mask [len(head_sets), n_total] from sets of flat component indices."""
-    sets = list(head_sets)
-    mask = torch.zeros(len(sets), n_total, dtype=torch.bool)
-    for row, indices in enumerate(sets):
-        idx = list(indices)
-        if idx:
-            mask[row, idx] = True
-    return mask

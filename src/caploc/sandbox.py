@@ -138,16 +138,6 @@ def _world_usable(path: str) -> bool:
 
 
 def _interpreter(unprivileged: bool) -> str:
-    """Our own interpreter, or, when the child drops to `nobody` and cannot reach ours (a Python under
-    /root, say), the system's."""
-    usable = _world_usable if unprivileged else (lambda path: os.access(os.path.realpath(path), os.X_OK))
-    for candidate in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
-        if usable(candidate):
-            return candidate
-    return ""
-
-
-def _interpreter(unprivileged: bool) -> str:
     """Our interpreter, or, when the sandbox's user cannot execute ours (`nobody` and a Python under /root, say),
     the system's: the sandbox needs only the standard library."""
     usable = _world_usable if unprivileged else (lambda path: os.access(os.path.realpath(path), os.X_OK))

@@ -1,4 +1,5 @@
-"""The one hook mechanism: a per-layer component view of a projection's input.
+"""Component sites: a per-layer component view of a projection's input, where every ablation, enhancement and
+capture of components happens (the other hooks caploc puts on a model are in `caploc.hooks`).
 
 A component site is the input of one projection per layer, split into `n_units` components of `unit_dim`
 features: attention heads are the slices [h*d:(h+1)*d] of the attention output projection's input (exact

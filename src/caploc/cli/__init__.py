@@ -1,4 +1,5 @@
-"""The `caploc` command line: commands (app), shared options, and renderers per result type."""
+"""The `caploc` command line: commands generated from the library's specs and registries (app, expand), shared
+options, and renderers per result type."""
 
 from __future__ import annotations
 
@@ -8,15 +9,19 @@ import sys
 from caploc.errors import CaplocError, ParameterError
 
 
-def main() -> None:
-    from caploc.cli.app import app
-    from caploc.cli.options import flag
-
+def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        app(standalone_mode=False)
+        from caploc.plugins import load_plugins
+
+        load_plugins()
+        from caploc.cli.app import build
+
+        build()(args=argv, standalone_mode=False)
     except ParameterError as exc:  # the library names its parameters; here they are the flags that set them
-        print(f"error: {exc.render(flag)}", file=sys.stderr)
+        from caploc.cli.expand import render_error
+
+        print(f"error: {render_error(exc)}", file=sys.stderr)
         sys.exit(2)
     except CaplocError as exc:
         print(f"error: {exc}", file=sys.stderr)

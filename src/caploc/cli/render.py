@@ -112,11 +112,12 @@ def print_locate(report) -> None:
     for name in metrics:
         curve.add_column(f"{name} drop")
         curve.add_column(f"{name} rel.")
-    for j in range(report["k"]):
-        row = [str(j + 1)]
-        for name in metrics:
-            point = report["validation"][name][j]
-            row += [_fmt_interval(point["drop"], point["drop_low"], point["drop_high"]), f"{point['relative_drop']:.1%}"]
+    for j in range(1, report["k"] + 1):
+        row = [str(j)]
+        for name in metrics:  # a metric by generation is measured with all k heads ablated only
+            point = next((p for p in report["validation"][name] if p.get("k", j) == j), None)
+            row += ([_fmt_interval(point["drop"], point["drop_low"], point["drop_high"]),
+                     f"{point['relative_drop']:.1%}"] if point else ["-", "-"])
         curve.add_row(*row)
     console.print(curve)
     base = report["validation"][metrics[0]][0]
@@ -292,3 +293,19 @@ def print_doctor(report) -> None:
         console.print(f"in use: {report['in_use']}")
     else:
         console.print(f"[red]model-written code is refused: {report['refusal']}[/red]")
+
+
+def print_registry(kind: str, registry) -> None:
+    """What is registered: one row per name, with its parameters and the flags that set them."""
+    table = Table(title=f"registered {kind}s")
+    for col in (kind, "what it is", "parameters"):
+        table.add_column(col)
+    for name, entry in registry.items():
+        flag = (lambda p: p.flag) if kind == "method" else (lambda p: f"--task-arg {p.name}=")
+        params = ", ".join(f"{flag(p)} ({p.default!r})" if not p.required else flag(p)
+                           for p in entry.params if p.name != "seed")
+        what = entry.summary
+        if kind == "task":
+            what = f"[{entry.cls.kind}] " + (what or entry.cls.__name__)
+        table.add_row(name, what, params or "-")
+    console.print(table)

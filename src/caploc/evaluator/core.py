@@ -1,9 +1,9 @@
 """The one batched evaluator: a task's items under MANY ablation masks.
 
 Every method in caploc calls `Evaluator.evaluate(masks)`; nothing else runs the model on task items. It
-composes what to score (`requests`), how to run it (`runner`: batched forward/generate under per-row masks)
-and what is already known (`cache`: memory + persistent store); the task turns raw log-likelihoods or
-generations into its metrics.
+composes what to score (`requests`), how to run it (`scoring`, `gradients` and `generation`: batched passes
+under per-row masks), where the chunks run (`backend`) and what is already known (`cache`: memory + the
+persistent store); the task turns raw log-likelihoods or generations into its metrics.
 """
 
 from __future__ import annotations
@@ -12,22 +12,39 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from caploc.ablation import component_ablation, heads_to_mask
+from caploc.ablation import component_ablation
 from caploc.errors import CaplocError, ParameterError
+from caploc.evaluator.backend import IN_PROCESS, Backend
 from caploc.evaluator.cache import ScoreCache
+from caploc.evaluator.generation import Generator
+from caploc.evaluator.gradients import GradientRunner
 from caploc.evaluator.requests import Requests
-from caploc.evaluator.runner import EvalStats, Runner
+from caploc.evaluator.runner import EvalStats
+from caploc.evaluator.scoring import Scorer
+from caploc.files import content_key
+from caploc.masks import Masks, mask_key
 from caploc.models import LoadedModel
 from caploc.tasks.base import Item, Task
+
+# what a worker process needs besides the model to build the same evaluator (`recipe`); the store, the
+# progress bar and the backend stay with the driver
+_DRIVER_ONLY = ("self", "lm", "store", "progress", "backend")
+
+
+def _point_key(multipliers: np.ndarray) -> str:
+    """Where a gradient is taken, as a key: the mask of the components held at 0 when every multiplier is 0 or
+    1, else a hash of the multipliers."""
+    if np.isin(multipliers, (0.0, 1.0)).all():
+        return mask_key(multipliers == 0.0)
+    return "x:" + content_key(multipliers.tobytes().hex())
 
 
 @dataclass
 class EvalResult:
     """Scores of every item under every mask: `scores[metric]` is [n_masks, n_items]."""
 
-    masks: np.ndarray  # bool [n_masks, n_components]
+    masks: Masks
     scores: dict[str, np.ndarray]
     item_ids: list[str]
     texts: list[list[str]] | None = None  # generation tasks: [n_masks][n_items]
@@ -42,29 +59,31 @@ class Evaluator:
     def __init__(self, lm: LoadedModel, task: Task, items: list[Item], *, mode: str = "zero",
                  batch_tokens: int | None = None, store=None, progress: bool = False,
                  reference_items: list[Item] | None = None, max_new_tokens: int | None = None,
-                 components: str = "heads", scale: float = 0.0):
+                 components: str = "heads", scale: float = 0.0, backend: Backend | None = None):
         """`components`: what a mask column is (attention heads, or MLP neurons); `scale`: what a masked
         component is multiplied by (0 ablates; above 1 enhances); `batch_tokens`: tokens per forward pass
-        (default: from free memory on an accelerator, 8192 on CPUs)."""
+        (default: from free memory on an accelerator, 8192 on CPUs); `backend`: where chunks of masks run
+        (default: this process)."""
+        self.recipe = {k: v for k, v in locals().items() if k not in _DRIVER_ONLY}
         self.lm = lm
         self.task = task
-        # what rebuilds this evaluator in a worker process (distributed evaluation)
-        self.recipe = {"task": task, "items": list(items), "mode": mode, "batch_tokens": batch_tokens,
-                       "reference_items": reference_items, "max_new_tokens": max_new_tokens,
-                       "components": components, "scale": scale}
         self.requests = Requests(lm.tokenizer, task, items)
         self.items = self.requests.items
         self.mode = mode
         self.progress = progress
+        self.backend = backend or IN_PROCESS
         self.max_new_tokens = max_new_tokens or task.max_new_tokens
         self.components = components
         self.scale = float(scale)
         self.stats = EvalStats()
         self.ablation = component_ablation(lm.model, components, mode)
-        self.runner = Runner(lm, self.ablation, self.stats, batch_tokens, self.scale)
+        runner_args = (lm, self.ablation, self.stats, batch_tokens, self.scale)
+        self.scorer = Scorer(*runner_args)
+        self.gradient_runner = GradientRunner(*runner_args)
+        self.generator = Generator(*runner_args)
         if mode == "mean":
             reference = Requests(lm.tokenizer, task, reference_items or self.items)
-            self.ablation.fit_means(lambda setter: self.runner.reference(reference, setter))
+            self.ablation.fit_means(lambda setter: self.scorer.reference(reference, setter))
         self.task_fingerprint = task.fingerprint(self.items)
         key = {"model": lm.fingerprint, "task": self.task_fingerprint, "mode": self.mode,
                "max_new_tokens": self.max_new_tokens if self.requests.generation else None}
@@ -83,7 +102,7 @@ class Evaluator:
         self.close()
 
     @property
-    def n_heads(self) -> int:
+    def n_components(self) -> int:
         """Mask width: the number of components (heads, or neurons)."""
         return self.ablation.n_total
 
@@ -107,74 +126,96 @@ class Evaluator:
     def target_tokens(self) -> np.ndarray:
         return self.requests.target_tokens()
 
-    def gradients(self, metric: str, ablated=None) -> np.ndarray:
-        """[n_items, n_components]: d metric(item) / d multiplier of each component at 1, for metrics that are
+    def masks(self, masks) -> Masks:
+        """`masks` (Masks, a bool array [n_masks, n_components], or component-index collections) as Masks."""
+        return Masks.of(masks, self.n_components)
+
+    # -- gradients -----------------------------------------------------------------------------------
+    def gradients(self, metric: str, ablated=None, multipliers: np.ndarray | None = None) -> np.ndarray:
+        """[n_items, n_components]: d metric(item) / d multiplier of each component, for metrics that are
         linear in the continuations' log-probabilities (logprob, logprob_all, logit_diff): a first-order
-        estimate of every component's ablation effect from one forward + backward pass. `ablated` (component
-        indices or a bool vector) holds those components at 0: the estimate on top of that ablation."""
+        estimate of every component's ablation effect from one forward + backward pass. At every multiplier
+        1, or with the components `ablated` (indices or a bool vector) held at 0: the estimate on top of that
+        ablation; or at any `multipliers` [n_components]."""
+        return self.gradients_and_scores(metric, ablated, multipliers)[0]
+
+    def gradients_and_scores(self, metric: str, ablated=None,
+                             multipliers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(gradients [n_items, n_components], the metric per item [n_items]) at the same point."""
         if not self.task.has_gradient(metric):
             linear = self.task.linear_metrics
             raise ParameterError(f"{{metric}} {metric!r} of task {self.task.name} has no gradient: use one of "
                                  f"{', '.join(linear) or 'none (a generation task)'}", "metric")
+        if multipliers is None:
+            multipliers = np.ones(self.n_components)
+            if ablated is not None:
+                held = np.asarray(ablated)
+                multipliers[held if held.dtype == bool else self.masks([held.astype(int)]).rows[0]] = 0.0
+        multipliers = np.asarray(multipliers, dtype=np.float64)
+        key, point = self.key() | {"gradient": metric}, _point_key(multipliers)
+        if self.store is not None:
+            stored = [self.store.get_array(key, f"{point}/{part}") for part in ("gradients", "values", "tokens")]
+            if all(x is not None for x in stored):
+                self.stats.logical_gradient_tokens += int(stored[2])
+                return stored[0], stored[1]
         started = time.perf_counter()
-        at = None
-        if ablated is not None:
-            ablated = np.asarray(ablated)
-            at = self._as_mask(ablated[None] if ablated.dtype == bool else [ablated.astype(int).tolist()])[0]
-        grads = self.runner.sequence_gradients(self.requests, self._metric_weights(metric), at)
+        before = self.stats.gradient_tokens
+        weights = self._metric_weights(metric)
+        grads, logprob = self.gradient_runner.sequence_gradients(self.requests, weights, multipliers)
         self.stats.seconds += time.perf_counter() - started
         item_of = np.array([seq.item for seq in self.requests.sequences])
         out = np.zeros((len(self.items), grads.shape[1]))
         np.add.at(out, item_of, grads)
-        return out
+        values = np.zeros(len(self.items))
+        np.add.at(values, item_of, np.where(weights != 0, weights * np.nan_to_num(logprob), 0.0))
+        values += self._metric_offsets(metric)
+        tokens = self.stats.gradient_tokens - before
+        self.stats.logical_gradient_tokens += tokens
+        if self.store is not None:
+            for part, value in (("gradients", out), ("values", values), ("tokens", np.array(tokens))):
+                self.store.put_array(key, f"{point}/{part}", value)
+        return out, values
+
+    def _metric_of(self, metric: str, logprob: np.ndarray) -> np.ndarray:
+        """The metric of every item, [rows, n_items], from [rows, n_sequences] log-probabilities."""
+        per_item = self.requests.per_item
+        no_greedy = [np.zeros_like(x, dtype=bool) for x in per_item(np.zeros_like(logprob))]
+        return self.task.process_loglikelihoods(self.items, per_item(logprob), no_greedy,
+                                                self.requests.lengths())[metric]
 
     def _metric_weights(self, metric: str) -> np.ndarray:
         """Per sequence s, d metric(item of s) / d log p(s): the metric is linear in the log-probabilities,
         so the task's own scoring applied to unit log-probabilities gives it."""
         n_seq = len(self.requests.sequences)
-        per_item = self.requests.per_item
-        no_greedy = [np.zeros_like(x, dtype=bool) for x in per_item(np.zeros((n_seq, n_seq)))]
-
-        def metric_of(logprob: np.ndarray) -> np.ndarray:  # [n_seq, n_seq] -> [n_seq, n_items]
-            return self.task.process_loglikelihoods(self.items, per_item(logprob), no_greedy)[metric]
-
-        slopes = metric_of(np.eye(n_seq)) - metric_of(np.zeros((n_seq, n_seq)))
+        slopes = self._metric_of(metric, np.eye(n_seq)) - self._metric_of(metric, np.zeros((n_seq, n_seq)))
         return slopes[np.arange(n_seq), [seq.item for seq in self.requests.sequences]]
 
+    def _metric_offsets(self, metric: str) -> np.ndarray:
+        """The metric of every item at log-probabilities 0 (its constant term)."""
+        return self._metric_of(metric, np.zeros((1, len(self.requests.sequences))))[0]
+
+    # -- scores --------------------------------------------------------------------------------------
     def baseline(self) -> EvalResult:
-        return self.evaluate(torch.zeros(1, self.n_heads, dtype=torch.bool))
+        return self.evaluate(Masks.none(1, self.n_components))
 
     def evaluate(self, masks) -> EvalResult:
-        """masks: bool array/tensor [n_masks, n_components], or a list of component-index collections."""
-        mask = self._as_mask(masks)
+        """Scores under every mask (anything `masks()` takes); each distinct mask computed once, ever."""
+        masks = self.masks(masks)
         started = time.perf_counter()
-        n_masks = mask.shape[0]
         metrics = self.metric_names()
-        scores = {m: np.zeros((n_masks, len(self.items)), dtype=np.float64) for m in metrics}
-        texts: list[list[str]] | None = [[] for _ in range(n_masks)] if self.requests.generation else None
-        # identical masks in one request are computed once
-        todo: dict[bytes, list[int]] = {}
-        for row in range(n_masks):
-            record = self.cache.get(mask[row].numpy())
+        scores = {m: np.zeros((len(masks), len(self.items)), dtype=np.float64) for m in metrics}
+        texts: list[list[str]] | None = [[] for _ in range(len(masks))] if self.requests.generation else None
+        todo: dict[str, list[int]] = {}  # identical masks in one request are computed once
+        for row, key in enumerate(masks.keys()):
+            record = self.cache.get(key)
             if record is None:
-                todo.setdefault(mask[row].numpy().tobytes(), []).append(row)
+                todo.setdefault(key, []).append(row)
             else:
                 self._fill(scores, texts, [row], record)
         if todo:
-            self._compute(mask, todo, scores, texts)
+            self._compute(masks, list(todo.values()), scores, texts)
         self.stats.seconds += time.perf_counter() - started
-        return EvalResult(masks=mask.numpy(), scores=scores, item_ids=[i.id for i in self.items], texts=texts)
-
-    def _as_mask(self, masks) -> torch.Tensor:
-        if isinstance(masks, np.ndarray):
-            masks = torch.from_numpy(masks)
-        if isinstance(masks, torch.Tensor):
-            mask = masks.bool().cpu()
-        else:
-            mask = heads_to_mask(masks, self.n_heads)
-        if mask.dim() != 2 or mask.shape[1] != self.n_heads:
-            raise CaplocError(f"masks must be [n_masks, {self.n_heads}], got {tuple(mask.shape)}")
-        return mask
+        return EvalResult(masks=masks, scores=scores, item_ids=[i.id for i in self.items], texts=texts)
 
     @staticmethod
     def _fill(scores, texts, rows, record) -> None:
@@ -184,16 +225,15 @@ class Evaluator:
             if texts is not None:
                 texts[row] = record.get("texts") or []
 
-    def _compute(self, mask: torch.Tensor, todo: dict[bytes, list[int]], scores, texts) -> None:
+    def _compute(self, masks: Masks, groups: list[list[int]], scores, texts) -> None:
         from tqdm.auto import tqdm
 
-        groups = list(todo.values())
         if not self.requests.generation:  # chunks of masks that start at the same layer skip the most
-            groups.sort(key=lambda rows: self.runner.first_layer(mask[rows[0]]))
-        per_pass = self.runner.masks_per_pass(self.requests)
-        workers = self.lm.extra.get("workers")  # a distributed pool (evaluator.distributed) shards the chunks
-        if workers is not None:  # enough chunks to keep every worker busy
-            per_pass = max(1, min(per_pass, -(-len(groups) // (2 * workers.size))))
+            groups.sort(key=lambda rows: self.scorer.first_layer(masks[rows[0]]))
+        runner = self.generator if self.requests.generation else self.scorer
+        per_pass = runner.masks_per_pass(self.requests)
+        if self.backend.size > 1:  # enough chunks to keep every worker busy
+            per_pass = max(1, min(per_pass, -(-len(groups) // (2 * self.backend.size))))
         chunks = [groups[start:start + per_pass] for start in range(0, len(groups), per_pass)]
         with tqdm(total=len(groups), desc=f"eval {self.task.name}", unit="mask", disable=not self.progress,
                   leave=False) as bar:
@@ -203,21 +243,19 @@ class Evaluator:
                     record = {"scores": {m: v[j].tolist() for m, v in chunk_scores.items()}}
                     if chunk_texts is not None:
                         record["texts"] = chunk_texts[j]
-                    self.cache.put(mask[rows[0]].numpy(), record)
+                    self.cache.put(masks.key(rows[0]), int(masks.rows[rows[0]].sum()), record)
                     self._fill(scores, texts, rows, record)
                     self.stats.evaluations += 1
                 bar.update(len(chunk))
 
-            if workers is not None:
-                workers.run(self, [(chunk, mask[[g[0] for g in chunk]]) for chunk in chunks], done)
-            else:
-                for chunk in chunks:
-                    done(chunk, *self._score(mask[[g[0] for g in chunk]]))
+            self.backend.run(self, [(chunk, masks[[g[0] for g in chunk]]) for chunk in chunks], done)
 
-    def _score(self, mask: torch.Tensor) -> tuple[dict[str, np.ndarray], list[list[str]] | None]:
+    def score(self, masks: Masks) -> tuple[dict[str, np.ndarray], list[list[str]] | None]:
+        """The model's scores under `masks` (no cache): {metric: [n_masks, n_items]}, and generations."""
         if self.requests.generation:
-            generated = self.runner.generate(self.requests, mask, self.max_new_tokens)
+            generated = self.generator.generate(self.requests, masks, self.max_new_tokens)
             return self.task.process_generations(self.items, generated), generated
-        logprob, greedy = self.runner.teacher_forced(self.requests, mask)
+        logprob, greedy = self.scorer.teacher_forced(self.requests, masks)
         per_item = self.requests.per_item
-        return self.task.process_loglikelihoods(self.items, per_item(logprob), per_item(greedy)), None
+        return self.task.process_loglikelihoods(self.items, per_item(logprob), per_item(greedy),
+                                                self.requests.lengths()), None

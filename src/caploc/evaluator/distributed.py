@@ -1,7 +1,7 @@
 """Distributed evaluation on Ray: N actors, each holding one model replica, share an `Evaluator`'s masks.
 
-`attach_workers(lm, n)` starts the actors (a local Ray instance, or an existing cluster with `address`) and
-hangs the pool on the loaded model, so every evaluator built over it - every command and method - shards its
+`ray_backend(lm, n)` starts the actors (a local Ray instance, or an existing cluster with `address`) once per
+model; an evaluator given it as its backend (`ModelSpec(workers=N)` does that for every command) shards its
 mask chunks over the actors with no other change. The driver keeps the store and the progress bar: each chunk's
 scores are written as the chunk finishes, so a killed run resumes as a single-process one does. An actor that
 dies is replaced (a fresh replica) and its chunk retried; a chunk's scores reach the store only once, from the
@@ -17,9 +17,11 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from collections import deque
 
 import torch
+from torch import nn
 
 from caploc.errors import CaplocError, ParameterError
 from caploc.files import content_key
@@ -40,6 +42,7 @@ class _Replica:
     """The body of a Ray actor: one model, evaluators rebuilt from their recipes (cached by recipe)."""
 
     def __init__(self, spec: str, dtype: str, device: str, threads: int | None, env: dict):
+        """Loads the model by its spec, with the driver's caploc and HF settings."""
         os.environ.update(env)
         if threads:
             torch.set_num_threads(threads)
@@ -51,24 +54,22 @@ class _Replica:
     def ready(self) -> int:
         return os.getpid()
 
-    def score(self, key: str, recipe: dict, mask: torch.Tensor):
+    def score(self, key: str, recipe: dict, masks):
         from caploc.evaluator.core import Evaluator
 
-        crash = os.environ.get("CAPLOC_TEST_CRASH_ONCE")  # tests: the first chunk anywhere kills its actor
-        if crash and not os.path.exists(crash):
-            open(crash, "w").close()
-            os._exit(1)
         if key not in self.evaluators:
             self.evaluators[key] = Evaluator(self.lm, **recipe)
         evaluator = self.evaluators[key]
         before, started = evaluator.stats.tokens, time.perf_counter()
-        scores, texts = evaluator._score(mask)
+        scores, texts = evaluator.score(masks)
         return scores, texts, evaluator.stats.tokens - before, time.perf_counter() - started
 
 
-class WorkerPool:
+class RayBackend:
+    """N Ray actors, each a `replica` (default `_Replica`) holding one model."""
+
     def __init__(self, lm: LoadedModel, n_workers: int, address: str | None = None, threads: int | None = None,
-                 dtype: str | None = None):
+                 dtype: str | None = None, replica: type = _Replica):
         ray = _ray()
         if n_workers < 1:
             raise ParameterError("{workers} must be at least 1", "workers")
@@ -88,32 +89,28 @@ class WorkerPool:
                          include_dashboard=False, log_to_driver=False)
         self.threads = threads or (None if self.gpu else max(1, (os.cpu_count() or 1) // n_workers))
         self.env = {k: v for k, v in os.environ.items() if k.startswith(("CAPLOC_", "HF_"))}
-        self.env.pop("CAPLOC_TEST_CRASH_ONCE", None)
         self._actor_class = ray.remote(num_cpus=0 if self.gpu else self.threads, num_gpus=1 if self.gpu else 0,
-                                       max_restarts=0)(_Replica)
+                                       max_restarts=0)(replica)
         self.device = "cuda" if self.gpu else "cpu"
-        self.actors = [self._start(crash_test=True) for _ in range(n_workers)]
+        self.actors = [self._start() for _ in range(n_workers)]
         ray.get([a.ready.remote() for a in self.actors])
         self.replaced = 0
         self.chunks = 0
         self.overhead_seconds = 0.0  # per chunk: driver-side wall time minus the actor's compute time, summed
 
-    def _start(self, crash_test: bool = False):
-        env = dict(self.env)
-        if crash_test and os.environ.get("CAPLOC_TEST_CRASH_ONCE"):
-            env["CAPLOC_TEST_CRASH_ONCE"] = os.environ["CAPLOC_TEST_CRASH_ONCE"]
-        return self._actor_class.remote(self.spec, self.dtype, self.device, self.threads, env)
+    def _start(self):
+        return self._actor_class.remote(self.spec, self.dtype, self.device, self.threads, self.env)
 
     @property
     def size(self) -> int:
         return len(self.actors)
 
     def describe(self) -> dict:
-        return {"workers": len(self.actors), "threads_per_worker": self.threads, "gpu": self.gpu,
+        return {"backend": "ray", "workers": len(self.actors), "threads_per_worker": self.threads, "gpu": self.gpu,
                 "replaced": self.replaced, "chunks": self.chunks, "overhead_seconds": self.overhead_seconds}
 
     def run(self, evaluator, chunks: list, done) -> None:
-        """Evaluate `chunks` ([(rows, mask)]) on the actors; `done(rows, scores, texts)` on the driver as each
+        """Evaluate `chunks` ([(rows, Masks)]) on the actors; `done(rows, scores, texts)` on the driver as each
         chunk finishes, in whatever order they finish."""
         ray = self.ray
         recipe = evaluator.recipe
@@ -154,15 +151,21 @@ class WorkerPool:
         self.actors = []
 
 
-def attach_workers(lm: LoadedModel, workers: int | None = None, address: str | None = None,
-                   threads: int | None = None) -> LoadedModel:
-    """Shard every evaluation over `workers` Ray actors (a local instance, or the cluster at `address`,
-    'auto' for the one this machine belongs to; without `workers`, one actor per GPU or 2 on CPUs)."""
-    if not workers and not address:
-        return lm
+_pools: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def ray_backend(lm: LoadedModel, workers: int | None = None, address: str | None = None,
+                threads: int | None = None, replica: type = _Replica) -> RayBackend:
+    """`workers` Ray actors for this model (a local instance, or the cluster at `address`, 'auto' for the one
+    this machine belongs to; without `workers`, one actor per GPU or 2 on CPUs), started once per model and
+    setting."""
     if workers is None:
         workers = max(1, torch.cuda.device_count()) if next(lm.model.parameters()).is_cuda else 2
-    started = time.perf_counter()
-    lm.extra["workers"] = WorkerPool(lm, workers, address, threads)
-    logging.getLogger(__name__).info("caploc: %d Ray workers ready in %.1f s", workers, time.perf_counter() - started)
-    return lm
+    pools = _pools.setdefault(lm.model, {})
+    setting = (workers, address, threads, replica)
+    if setting not in pools:
+        started = time.perf_counter()
+        pools[setting] = RayBackend(lm, workers, address, threads, replica=replica)
+        logging.getLogger(__name__).info("caploc: %d Ray workers ready in %.1f s", workers,
+                                         time.perf_counter() - started)
+    return pools[setting]

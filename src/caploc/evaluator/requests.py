@@ -163,6 +163,15 @@ class Requests:
             by_item[seq.item].append(s)
         return [values[:, members] for members in by_item]
 
+    def lengths(self) -> list[np.ndarray] | None:
+        """Per item, the token count of each of its continuations (per-token metrics); None for generation."""
+        if self.sequences is None:
+            return None
+        by_item: list[list[int]] = [[] for _ in self.items]
+        for seq in self.sequences:
+            by_item[seq.item].append(len(seq.continuation))
+        return [np.array(n, dtype=np.float64) for n in by_item]
+
     def tokens_per_mask(self) -> int | None:
         """Model tokens one mask costs on these items (shared prefixes counted once); None for generation,
         whose length depends on what the model writes."""

@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from dataclasses import asdict, dataclass, field
+
 from caploc.errors import CaplocError, require
-from caploc.evaluator import Evaluator
-from caploc.experiments.context import build_tasks, open_store, parse_task_list, resolve_model
 from caploc.experiments.results import CompressResult, DensityResult, LocateResult
+from caploc.experiments.specs import EvalOptions, ModelSpec, Runtime, TaskSuite, cli
 from caploc.files import HashCache
 from caploc.models import DEFAULT_MODEL, LoadedModel
 from caploc.sites import head_site
@@ -151,25 +152,39 @@ def _spearman(a, b) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def density(model: str | LoadedModel = DEFAULT_MODEL, *, n_tokens: int = 8192, window: int = 128,
-            expansion: int = 4, l1: float = 0.1, steps: int = 300, seed: int = 0, from_run: str | Path | None = None,
-            dtype: str = "auto", device: str = "auto", workers: int | None = None, ray_address: str | None = None,
-            out: str | Path | None = None, progress: bool = False) -> DensityResult:
+@dataclass(frozen=True)
+class SAEOptions:
+    """The sparse autoencoders behind capability density: tokens of the text stream, window length, features
+    per head, sparsity penalty, training steps, seed."""
+
+    n_tokens: int = field(default=8192, metadata=cli("--tokens", help="SAE training tokens from the offline text "
+                                                                      "stream"))
+    window: int = 128
+    expansion: int = field(default=4, metadata=cli("--expansion", help="SAE features per head = expansion x "
+                                                                       "head_dim"))
+    l1: float = field(default=0.1, metadata=cli("--l1", help="SAE sparsity penalty (on unit-mean-norm head outputs)"))
+    steps: int = field(default=300, metadata=cli("--steps", help="SAE training steps"))
+    seed: int = field(default=0, metadata=cli("--seed", help="seed of the SAEs' initialisation and batches"))
+
+
+def density(model: ModelSpec | str | LoadedModel = DEFAULT_MODEL, sae: SAEOptions | None = None, *,
+            from_run: str | Path | None = None, out: str | Path | None = None) -> DensityResult:
     """Capability density and Wanda importance for every head, and their Spearman correlations (with the
     head scores of a locate run too, when `from_run` is given). Cached per model and parameters."""
     started = time.perf_counter()
-    lm = resolve_model(model, dtype, device, workers, ray_address)
-    params = {"n_tokens": n_tokens, "window": window, "expansion": expansion, "l1": l1, "steps": steps,
-              "seed": seed}
+    lm = Runtime.open(model, store=False).lm
+    sae = sae or SAEOptions()
+    params = asdict(sae)
 
     def compute() -> dict:
-        train_out = head_outputs(lm, _stream_ids(lm, n_tokens, window, "train"))
-        eval_out = head_outputs(lm, _stream_ids(lm, max(window * 4, n_tokens // 8), window, "held_out"))
+        train_out = head_outputs(lm, _stream_ids(lm, sae.n_tokens, sae.window, "train"))
+        eval_out = head_outputs(lm, _stream_ids(lm, max(sae.window * 4, sae.n_tokens // 8), sae.window, "held_out"))
         scale = train_out.norm(dim=-1).mean(0).clamp_min(1e-6)[None, :, None]  # unit mean norm per head
-        sae, training = train_sae(train_out / scale, expansion * lm.layout.head_dim, l1, steps, seed=seed)
+        autoencoder, training = train_sae(train_out / scale, sae.expansion * lm.layout.head_dim, sae.l1, sae.steps,
+                                          seed=sae.seed)
         with torch.no_grad():
-            features = sae.encode(eval_out / scale)
-        measures = density_from_features(features, window)
+            features = autoencoder.encode(eval_out / scale)
+        measures = density_from_features(features, sae.window)
         wanda = wanda_per_head(lm, torch.cat([train_out, eval_out]))
         return {"params": params, "training": training, "heads": [str(h) for h in lm.layout.all_heads()],
                 **{k: v.tolist() for k, v in measures.items()}, "wanda": wanda.tolist()}
@@ -240,30 +255,30 @@ def _apportion(weights: np.ndarray, total: int, cap: int) -> list[int]:
     return budgets.tolist()
 
 
-def compress(model: str | LoadedModel = DEFAULT_MODEL, target: float = 0.3,
-             allocation: str | list[str] = ("density", "uniform", "wanda"), *, n: int = 50, seed: int = 0,
-             tasks: str | list[str] = ("arithmetic", "general"), task_options: dict[str, dict] | None = None,
-             dtype: str = "auto", device: str = "auto", workers: int | None = None, ray_address: str | None = None,
-             store=None, out: str | Path | None = None, progress: bool = False,
-             **density_params) -> CompressResult:
-    """Remove `target` of the heads under each allocation; report held-out perplexity and task scores."""
+def compress(model: ModelSpec | str | LoadedModel = DEFAULT_MODEL, target: float = 0.3,
+             allocation: str | list[str] = ("density", "uniform", "wanda"), suite: TaskSuite | None = None,
+             sae: SAEOptions | None = None, *, evaluation: EvalOptions | None = None,
+             out: str | Path | None = None) -> CompressResult:
+    """Remove `target` of the heads under each allocation; report held-out perplexity and the suite's task
+    scores (`suite.n` items, and as many text chunks)."""
     started = time.perf_counter()
+    suite = suite or TaskSuite("arithmetic,general", n=50)
     allocations = [allocation] if isinstance(allocation, str) else list(allocation)
     for a in allocations:  # refuse bad arguments before the model and the SAEs cost anything
         allocate(a, target, np.zeros(1), np.zeros(1), 1, 1)
-    lm = resolve_model(model, dtype, device, workers, ray_address)
-    scores = density(lm, **density_params, progress=progress)
+    rt = Runtime.open(model, evaluation)
+    lm = rt.lm
+    scores = density(lm, sae)
     d, w = np.asarray(scores.density), np.asarray(scores.wanda)
     layout = lm.layout
     removed = {a: allocate(a, target, d, w, layout.n_layers, layout.n_heads) for a in allocations}
     masks = [[]] + [removed[a] for a in allocations]
-    db = open_store(store)
     text = TextPerplexity(chunk_chars=600)  # longer chunks than the control task's: perplexity of passages
     evaluations = {}
-    for task in [text] + build_tasks(parse_task_list(tasks), task_options, None):
-        with Evaluator(lm, task, task.items(n, seed), store=db, progress=progress) as evaluator:
-            result = evaluator.evaluate(masks)
-            counts = evaluator.target_tokens() if isinstance(task, TargetTask) else None
+    for task in [text] + suite.build():
+        evaluator = rt.evaluator(task, task.items(suite.n, suite.seed))
+        result = evaluator.evaluate(masks)
+        counts = evaluator.target_tokens() if isinstance(task, TargetTask) else None
         if task is text:
             evaluations["perplexity"] = [float(np.exp(-result.scores["logprob"][m].sum() / counts.sum()))
                                          for m in range(len(masks))]
@@ -278,7 +293,8 @@ def compress(model: str | LoadedModel = DEFAULT_MODEL, target: float = 0.3,
         rows.append({"allocation": a, "removed": len(removed[a]), "per_layer": per_layer.tolist(),
                      "heads": [str(layout.head(i)) for i in removed[a]],
                      **{k: v[j] for k, v in evaluations.items()}})
-    report = CompressResult(model=lm.describe(), target=target, n=n, seed=seed, perplexity_text=text.config(),
+    report = CompressResult(model=lm.describe(), target=target, n=suite.n, seed=suite.seed,
+                            perplexity_text=text.config(),
                             rows=rows, spearman_density_wanda=scores.spearman_density_wanda,
                             wall_seconds=round(time.perf_counter() - started, 2))
     if out:

@@ -6,17 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from caploc.errors import ParameterError, require
-from caploc.experiments.context import resolve_model
 from caploc.experiments.results import ExportResult, LocateResult
+from caploc.experiments.specs import ModelSpec, Runtime
 from caploc.files import write_json
-from caploc.models import DEFAULT_MODEL, LoadedModel
+from caploc.models import LoadedModel
 from caploc.sites import head_site
 
 PROVENANCE = "caploc_export.json"
 
 
-def export(model: str | LoadedModel | None = None, ablate: str | list[str] | None = None, out: str | Path = "",
-           *, from_run: str | Path | None = None, k: int | None = None, dtype: str = "auto", device: str = "auto") -> ExportResult:
+def export(model: ModelSpec | str | LoadedModel | None = None, ablate: str | list[str] | None = None,
+           out: str | Path = "", *, from_run: str | Path | None = None, k: int | None = None) -> ExportResult:
     """Write `out` (safetensors + config + tokenizer) with the heads' output-projection columns zeroed.
     The heads come from `ablate`, or the top-k of a locate run (`from_run`); the model is the run's when
     not given. The columns are zeroed in place only while saving and restored afterwards (no second copy of
@@ -26,13 +26,14 @@ def export(model: str | LoadedModel | None = None, ablate: str | list[str] | Non
     if run is None and not ablate:
         raise ParameterError("give the heads to remove ({ablate}, e.g. L3H2,L5H1) or a locate run ({from_run})",
                              "ablate", "from_run")
+    spec = ModelSpec.of(model)
     if run is not None:
-        model = model or run.model["spec"]
+        spec = spec.with_run_defaults(run.model)
         ablate = ablate or run.top_heads(k)
     target = Path(out)
     require(not (target.exists() and any(target.iterdir())),
             f"{target} exists and is not empty: choose a new directory for {{out}}", "out")
-    lm = resolve_model(model or DEFAULT_MODEL, dtype, device)
+    lm = Runtime.open(spec, store=False).lm
     heads = lm.layout.parse_list(ablate)
     require(bool(heads), "no heads to remove ({ablate})", "ablate")
     model = lm.model

@@ -3,142 +3,152 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from caploc.errors import ParameterError, check_positive, require
+from caploc.errors import require
 from caploc.evaluator import Evaluator
-from caploc.experiments.context import (TaskOptions, build_tasks, open_store, parse_task_list, resolve_model,
-                                        resolve_task)
-from caploc.experiments.evaluate import HEAD_SCORES
 from caploc.experiments.results import LocateResult, UniversalResult
-from caploc.methods import (DEFAULT_EXCHANGE, DEFAULT_MASKS, DEFAULT_METHOD, DEFAULT_PENALTY, DEFAULT_SCREEN,
-                            DEFAULT_SPARSITY, DEFAULT_TOLERANCE, Objective, make_method)
+from caploc.experiments.specs import (EvalOptions, ModelSpec, Runtime, TaskSpec, build_tasks, cli, parse_ints,
+                                      parse_task_list)
+from caploc.methods import DEFAULT_METHOD, DEFAULT_PENALTY, DEFAULT_TOLERANCE, Method, Objective, make_method
 from caploc.models import DEFAULT_MODEL, LoadedModel
 from caploc.stats import low_baseline_warning, score_summary
-from caploc.store import EvalStore
 from caploc.tasks.base import Task
-
-
-def drop_curve(evaluator: Evaluator, ranking: list[int], k: int, seed: int) -> dict:
-    """Ablate the top-1, top-2, ..., top-k heads (cumulatively) and measure every metric's paired drop."""
-    masks = [ranking[:j] for j in range(0, k + 1)]
-    result = evaluator.evaluate(masks)
-    return {name: [score_summary(values[0], values[j], seed) | {"k": j} for j in range(1, k + 1)]
-            for name, values in result.scores.items()}
-
 
 CONTROL_DEFAULT = "general"
 # control items per mask: greedy rounds evaluate the controls only where they can change the choice, so a set
-# large enough to see a head's damage costs little (12 items missed layer-1 heads that cost `general` 30 points)
+# large enough to see a head's damage costs little
 DEFAULT_N_CONTROL = 24
 DEFAULT_BOOTSTRAP = 200
+ATTENTION_TOP = 10  # the highest heads by the attention signature that the reported heads are checked against
+CRITERION_TEXT = ("1 - exp(-target_drop/|target_baseline|) - penalty * mean over controls of max(relative drop, 0)")
 
 
-def _control_tasks(control) -> list:
-    """`control`: task names (comma-separated or a list), or None / "none" / "" for the paper's objective."""
-    if control is None or (isinstance(control, str) and control.strip().lower() in ("", "none")):
-        return []
-    return build_tasks(parse_task_list(control), None, None)
+@dataclass(frozen=True)
+class Criterion:
+    """What the heads are chosen by: the identification metric, and the control tasks whose damage counts
+    against a head set (the specificity criterion of `methods.base`); `control` None or "none" is the
+    paper's plain objective, the target drop."""
+
+    metric: str | None = field(default=None, metadata=cli(
+        "--metric", help="identification metric (default: logprob where the target is known, the reference's "
+                         "ref_logprob for generation tasks that have one, else the task score)"))
+    control: str | list | None = field(default=CONTROL_DEFAULT, metadata=cli(
+        "--control", help="control task(s) evaluated on every mask; heads are chosen by the share of the target "
+                          "removed minus --penalty x the controls' damage ('text': prose language modelling); "
+                          "'none' for the paper's plain objective"))
+    n_control: int | None = field(default=None, metadata=cli(
+        "--n-control", help=f"control identification items (default: min(--n, {DEFAULT_N_CONTROL}))"))
+    penalty: float = field(default=DEFAULT_PENALTY, metadata=cli(
+        "--penalty", help="weight of the controls' damage (relative drop)"))
+    tolerance: float | None = field(default=DEFAULT_TOLERANCE, metadata=cli(
+        "--control-tolerance", help="optional: the control's relative drop a head set may cost before it ranks "
+                                    "below every set within it (use with a large --n-control)"))
+
+    def __post_init__(self):
+        require(self.penalty >= 0, "{penalty} must be >= 0", "penalty")
+        require(self.tolerance is None or self.tolerance >= 0, "{tolerance} must be >= 0", "tolerance")
+
+    def control_tasks(self) -> list[Task]:
+        control = self.control
+        if control is None or (isinstance(control, str) and control.strip().lower() in ("", "none")):
+            return []
+        return build_tasks(parse_task_list(control), None, None)
 
 
-def selection_frequency(method, objective: Objective, k: int, n_boot: int, seed: int,
-                        details: dict | None = None) -> np.ndarray:
-    """Per head, the share of bootstrap resamples of the identification items (target and control resampled
-    independently) in which the method, replayed on the stored per-item scores, puts it in its top-k. No new
-    model call: greedy-type methods whose replay leaves the evaluated path complete their top-k from the
-    ranking of the round where it left; CS refits with the penalty its run chose (`details`)."""
-    replay = method.for_replay(details) if details is not None else method
-    counts = np.zeros(objective.n_heads)
-    rng = np.random.default_rng([seed, 0xB007])
-    for _ in range(n_boot):
-        counts[replay.run(objective.resampled(rng), k).top(k)] += 1
-    return counts / n_boot
+@dataclass(frozen=True)
+class LocateOptions:
+    """Evidence and filters around the identification: bootstrap resamples of the items (selection
+    frequency), whole runs on other seeds (recurrence), heads never reported."""
+
+    bootstrap: int = field(default=DEFAULT_BOOTSTRAP, metadata=cli(
+        "--bootstrap", help="item resamples for selection frequencies (no new model calls; 0 to skip)"))
+    seeds: tuple[int, ...] | None = field(default=None, metadata=cli(
+        "--seeds", help="comma-separated seeds: run each, report recurrence", parse=parse_ints))
+    exclude: str | None = field(default=None, metadata=cli("--exclude", help="heads never reported, e.g. L0H1,L1"))
+    exclude_universal: str | Path | None = field(default=None, metadata=cli(
+        "--exclude-universal", help="never report the heads a `caploc universal` result flags (its --out "
+                                    "directory or universal.json)"))
+
+    def __post_init__(self):
+        require(self.bootstrap >= 0, "{bootstrap} must be >= 0", "bootstrap")
 
 
-def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithmetic", method: str = DEFAULT_METHOD,
-           k: int = 5, n: int = 100, seed: int = 0, *, control: str | list | None = CONTROL_DEFAULT,
-           n_control: int | None = None, penalty: float = DEFAULT_PENALTY, tolerance: float | None = DEFAULT_TOLERANCE,
-           screen: str = DEFAULT_SCREEN, n_candidates: int | None = None, exchange: int = DEFAULT_EXCHANGE,
-           n_masks: int = DEFAULT_MASKS, sparsity: float = DEFAULT_SPARSITY,
-           alpha="cv", metric: str | None = None, n_validate: int | None = None, bootstrap: int = DEFAULT_BOOTSTRAP,
-           seeds: list[int] | None = None, subtask: str | None = None,
-           shots: int | None = None, data: str | None = None, fewshot_data: str | None = None,
-           chat: bool | None = None, allow_code_execution: bool | None = None, dtype: str = "auto", device: str = "auto",
-           workers: int | None = None, ray_address: str | None = None,
-           mode: str = "zero", max_new_tokens: int | None = None, exclude: str | list[str] | None = None,
-           exclude_universal: str | Path | None = None, store: str | Path | EvalStore | None = None,
-           out: str | Path | None = None, progress: bool = False) -> LocateResult:
-    """Identify the top-k heads of a capability on `n` items, then validate them on `n_validate` held-out items.
+def locate(model: ModelSpec | str | LoadedModel = DEFAULT_MODEL, task: TaskSpec | str | Task = "arithmetic",
+           method: str | Method = DEFAULT_METHOD, *, k: int = 5, criterion: Criterion | None = None,
+           options: LocateOptions | None = None, evaluation: EvalOptions | None = None,
+           out: str | Path | None = None) -> LocateResult:
+    """Identify the top-k heads of a capability on `task.n` items, then validate them on `task.n_validate`
+    held-out items (the next items of the seeded order).
 
-    `control` tasks (default `general`; None or "none" for the paper's plain objective) are evaluated on every
-    mask too, on `n_control` identification items (default min(n, 12)), and methods maximize the specificity criterion
-    with `penalty` and `tolerance` (methods.base); held-out control items measure the chosen heads' control drop.
-    `bootstrap` resamples of the identification items give each head's selection frequency; `seeds` runs the
+    The `criterion`'s control tasks (default `general`) are evaluated on every mask too, on `n_control`
+    identification items (default min(n, 24)), and methods maximize the specificity criterion
+    (methods.base); held-out control items measure the chosen heads' control drop. `options.bootstrap`
+    resamples of the identification items give each head's selection frequency; `options.seeds` runs the
     whole identification once per seed (items and method randomness) and reports how often each head recurs.
-    `exclude` heads, and the heads a `universal` result (`exclude_universal`: its file or directory) flags,
-    are never reported."""
-    check_positive("k", k)
-    require(penalty >= 0, "{penalty} must be >= 0", "penalty")
-    require(tolerance is None or tolerance >= 0, "{tolerance} must be >= 0", "tolerance")
-    require(bootstrap >= 0, "{bootstrap} must be >= 0", "bootstrap")
-    if seeds:
-        return _locate_seeds(locals())
+    `method` is a registered name (`make_method`) or a Method; a method's `seed` is the run's."""
+    require(k > 0, "{k} must be positive", "k")
+    rt = Runtime.open(model, evaluation)
+    spec = TaskSpec.of(task)
+    criterion, options = criterion or Criterion(), options or LocateOptions()
+    method = make_method(method) if isinstance(method, str) else method
+    seeds = list(options.seeds or [])
+    runs = [_locate_one(rt, spec.replace(seed=s) if seeds else spec, method, k, criterion, options)
+            for s in (seeds or [spec.seed])]
+    located = runs[0] if not seeds else _with_recurrence(runs, seeds, k)
+    if out:
+        located.save(out)
+    return located
+
+
+def _locate_one(rt: Runtime, spec: TaskSpec, method: Method, k: int, criterion: Criterion,
+                options: LocateOptions) -> LocateResult:
     started = time.perf_counter()
-    lm = resolve_model(model, dtype, device, workers, ray_address)
-    options = TaskOptions(subtask, shots, data, fewshot_data, chat, allow_code_execution)
-    task_obj = resolve_task(task, options)
-    control_tasks = _control_tasks(control)
-    metric = metric or task_obj.identification_metric
-    universal = UniversalResult.load(exclude_universal).universal_heads if exclude_universal else None
-    excluded = sorted({lm.layout.index(h) for h in lm.layout.parse_list(exclude) + lm.layout.parse_list(universal)})
-    notes = []
-    if method == "refine" and screen == "atp" and not _has_gradients(task_obj, metric, control_tasks):
-        # generation scores (pass@1, a rhyme, a swear count) have no gradient: screen by regression instead
-        screen = "csb"
-        notes.append(f"the {metric} metric of {task_obj.name} (or a control's) has no gradient, so the refine "
-                     f"screen is csb instead of atp")
-    method_obj = make_method(method, n_masks=n_masks, sparsity=sparsity, alpha=alpha, seed=seed, screen=screen,
-                             n_candidates=n_candidates, exchange=exchange)
-    id_items = task_obj.items(n, seed)
-    held_out = task_obj.items(n_validate or n, seed, offset=n)
-    db = open_store(store)
-    common = dict(mode=mode, store=db, progress=progress, max_new_tokens=max_new_tokens)
-    identify = Evaluator(lm, task_obj, id_items, **common)
-    validate = Evaluator(lm, task_obj, held_out, **common)
-    n_control = n_control or min(n, DEFAULT_N_CONTROL)
-    control_id = [Evaluator(lm, t, t.items(n_control, seed), **common) for t in control_tasks]
-    control_val = [Evaluator(lm, t, t.items(n_validate or n_control, seed, offset=n_control), **common)
+    lm, seed, n = rt.lm, spec.seed, spec.n
+    task = spec.build()
+    metric = criterion.metric or task.identification_metric
+    scoring = task.for_metric(metric)  # the task itself, or its reference view
+    if "seed" in method.params():
+        method = method.clone(seed=seed)
+    control_tasks = criterion.control_tasks()
+    universal = UniversalResult.load(options.exclude_universal).universal_heads if options.exclude_universal else None
+    excluded = sorted({lm.layout.index(h) for h in lm.layout.parse_list(options.exclude)
+                       + lm.layout.parse_list(universal)})
+    n_validate = spec.n_validate or n
+    id_items = scoring.items(n, seed)
+    held_out = task.items(n_validate, seed, offset=n)
+    identify = rt.evaluator(scoring, id_items)
+    validate = [rt.evaluator(t, held_out if t is task else t.items(n_validate, seed, offset=n))
+                for t in task.scorings()]
+    n_control = criterion.n_control or min(n, DEFAULT_N_CONTROL)
+    control_id = [rt.evaluator(t, t.items(n_control, seed)) for t in control_tasks]
+    control_val = [rt.evaluator(t, t.items(spec.n_validate or n_control, seed, offset=n_control))
                    for t in control_tasks]
-    if metric not in identify.metric_names():
-        raise ParameterError(f"task {task_obj.name} has no {{metric}} {metric!r}: use "
-                             f"{', '.join(identify.metric_names())}", "metric")
-    objective = Objective(identify, metric, control_id, penalty, tolerance)
-    result = method_obj.run(objective, k)
-    requested = objective.requested
-    frequency = selection_frequency(method_obj, objective, k, bootstrap, seed, result.details) if bootstrap else None
+    objective = Objective(identify, metric, control_id, criterion.penalty, criterion.tolerance)
+    result = method.run(objective, k)
+    frequency = (selection_frequency(method, objective, k, options.bootstrap, seed, result.details)
+                 if options.bootstrap else None)
     ranking = [i for i in result.ranking if i not in excluded]
     top = ranking[:k]
-    identification = drop_curve(identify, ranking, k, seed)
-    validation = drop_curve(validate, ranking, k, seed)
-    control_validation = {t.task.name: drop_curve(t, ranking, k, seed) for t in control_val}
+    validation = {}
+    for evaluator in validate:  # the real metric by generation: baseline and all k only (generating is costly)
+        curve = drop_curve(evaluator, ranking, k, seed, every_j=evaluator.task is scoring or
+                           not evaluator.requests.generation)
+        validation |= {name: points for name, points in curve.items() if name not in validation}
     layout = lm.layout
-    evaluators = [identify, validate, *control_id, *control_val]
-    per_mask = sum(e.tokens_per_mask() or 0 for e in [identify, *control_id]) or None
-    per_target_mask = identify.tokens_per_mask()
-    per_control_mask = sum(e.tokens_per_mask() or 0 for e in control_id)
-    gradient_tokens = sum(e.stats.gradient_tokens for e in [identify, *control_id])
+    evaluators = [identify, *validate, *control_id, *control_val]
     located = LocateResult(
-        model=lm.describe(), task=task_obj.config(), task_options=options.recorded(),
-        method={"name": method, **method_obj.params()},
-        k=k, n=len(id_items), n_validate=len(held_out), seed=seed, mode=mode, metric=metric,
+        model=lm.describe(), task=task.config(), task_options=spec.recorded(),
+        method={"name": method.name, **method.params()},
+        k=k, n=len(id_items), n_validate=len(held_out), seed=seed, mode=identify.mode, metric=metric,
         control={"tasks": [t.config() for t in control_tasks], "metrics": objective.control_metrics,
-                 "n": n_control if control_tasks else 0, "penalty": penalty, "tolerance": tolerance,
-                 "criterion": "1 - exp(-target_drop/|target_baseline|) - penalty * mean over controls of "
-                              "max(relative drop, 0)"
-                              + ("; a set whose control drop exceeds the tolerance ranks below every set within it"
-                                 if tolerance is not None else "")
+                 "n": n_control if control_tasks else 0, "penalty": criterion.penalty,
+                 "tolerance": criterion.tolerance,
+                 "criterion": CRITERION_TEXT + ("; a set whose control drop exceeds the tolerance ranks below "
+                                                "every set within it" if criterion.tolerance is not None else "")
                  if control_tasks else "target drop (no control)"},
         excluded_heads=[str(layout.head(i)) for i in excluded],
         heads=[{"rank": r + 1, "head": str(layout.head(i)), "index": i, "score": float(result.head_scores[i]),
@@ -148,56 +158,63 @@ def locate(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithme
         score_name=result.score_name, head_scores=[float(x) for x in result.head_scores],
         head_effects=_effects(result, objective),
         ranking=[str(layout.head(i)) for i in ranking], details=result.details,
-        identification=identification, validation=validation, control_validation=control_validation,
-        attention_check=attention_check(lm, task_obj, top),
-        stability={"bootstrap": bootstrap, "selection_frequency": frequency.tolist(),
+        identification=drop_curve(identify, ranking, k, seed), validation=validation,
+        control_validation={e.task.name: drop_curve(e, ranking, k, seed) for e in control_val},
+        attention_check=attention_check(rt, task, top),
+        stability={"bootstrap": options.bootstrap, "selection_frequency": frequency.tolist(),
                    "top_k_mean_frequency": float(frequency[top].mean())} if frequency is not None else {},
         fingerprints={"model": lm.fingerprint, "identification_items": identify.task_fingerprint,
-                      "validation_items": validate.task_fingerprint,
+                      "validation_items": validate[0].task_fingerprint,
                       "control_items": [e.task_fingerprint for e in control_id]},
-        budget={
-            "evaluations": requested,
-            "control_evaluations": objective.control_requested,
-            "computed_evaluations": sum(e.stats.evaluations for e in evaluators),
-            "reused_evaluations": sum(e.stats.reused for e in evaluators),
-            "model_tokens": sum(e.stats.tokens for e in evaluators),
-            "method_model_tokens": sum(e.stats.tokens for e in [identify, *control_id]),
-            # gradients are never stored: their cost is the same on a rerun
-            "gradient_model_tokens": gradient_tokens,
-            "tokens_per_evaluation": per_mask,
-            # what the method costs whatever the store held: masks asked for on the target and on the controls
-            # (greedy rounds skip controls that cannot change their choice), shared prefixes once, and gradients
-            "logical_model_tokens": (requested * per_target_mask + objective.control_requested * per_control_mask
-                                     + gradient_tokens) if per_target_mask else None,
-            "wall_seconds": round(time.perf_counter() - started, 2),
-        },
-        store=str(db.path) if db else None)
-    located.warnings += notes
+        budget=_budget(objective, identify, control_id, evaluators, started),
+        store=str(rt.store.path) if rt.store else None)
+    located.warnings += list(result.details.get("notes", []))
     if "acc" in validation:
-        note = low_baseline_warning(task_obj.name, validation["acc"][0]["baseline"], metric)
+        note = low_baseline_warning(task.name, validation["acc"][0]["baseline"], metric)
         located.warnings += [note] if note else []
-    if out:
-        located.save(out)
     return located
 
 
-ATTENTION_TOP = 10  # the highest heads by the attention signature that the reported heads are checked against
-# tasks whose heads the literature finds by their attention: the signature (`heads --scores TASK`), its source
-ATTENTION_CHECKS = {"induction": ("prefix_matching", "Olsson et al. 2022, repeated random tokens"),
-                    "ioi": ("name_mover", "Wang et al. 2022, last token to the indirect object")}
+def drop_curve(evaluator: Evaluator, ranking: list[int], k: int, seed: int, every_j: bool = True) -> dict:
+    """Ablate the top-1, top-2, ..., top-k heads (cumulatively; with `every_j` False, all k only) and measure
+    every metric's paired drop."""
+    sizes = list(range(1, k + 1)) if every_j else [k]
+    result = evaluator.evaluate([[]] + [ranking[:j] for j in sizes])
+    return {name: [score_summary(values[0], values[r], seed) | {"k": j} for r, j in enumerate(sizes, 1)]
+            for name, values in result.scores.items()}
 
 
-def attention_check(lm: LoadedModel, task: Task, top: list[int]) -> dict:
+def selection_frequency(method: Method, objective: Objective, k: int, n_boot: int, seed: int,
+                        details: dict | None = None) -> np.ndarray:
+    """Per head, the share of bootstrap resamples of the identification items (target and control resampled
+    independently) in which the method, replayed on the stored per-item scores, puts it in its top-k. No new
+    model call: greedy-type methods whose replay leaves the evaluated path complete their top-k from the
+    ranking of the round where it left; CS refits with the penalty its run chose (`details`)."""
+    replay = method.for_replay(details) if details is not None else method
+    counts = np.zeros(objective.n_components)
+    rng = np.random.default_rng([seed, 0xB007])
+    for _ in range(n_boot):
+        counts[replay.run(objective.resampled(rng), k).top(k)] += 1
+    return counts / n_boot
+
+
+def attention_check(rt: Runtime, task: Task, top: list[int]) -> dict:
     """Evidence independent of ablation, for a task whose heads the literature identifies by their attention
     (induction heads attend to the token after the current token's previous occurrence; IOI's name movers
     attend from the last token to the indirect object): which of the reported heads are among the
-    ATTENTION_TOP highest by that signature; empty for other tasks."""
-    if task.name not in ATTENTION_CHECKS:
+    ATTENTION_TOP highest by that signature; empty for other tasks. The scores are stored with the
+    evaluations (computed once per model)."""
+    if task.attention_check is None:
         return {}
-    key, source = ATTENTION_CHECKS[task.name]
-    scores = HEAD_SCORES[task.name](lm)[key].reshape(-1)
+    key, source = task.attention_check
+
+    def compute():
+        return task.head_scores(rt.lm, seed=0)[key]
+
+    stored = {"model": rt.lm.fingerprint, "head_scores": task.name, "seed": 0}
+    scores = (rt.store.array(stored, key, compute) if rt.store else compute()).reshape(-1)
     best = [int(i) for i in np.argsort(-scores, kind="stable")[:ATTENTION_TOP]]
-    name = lm.layout.head
+    name = rt.lm.layout.head
     return {"score": key, "source": source,
             "top": [str(name(i)) for i in best], "top_scores": [float(scores[i]) for i in best],
             "reported_in_top": [str(name(i)) for i in top if i in best],
@@ -214,25 +231,33 @@ def _effects(result, objective: Objective) -> dict:
             "control_units": "control damage: mean over the controls of the relative drop, an improvement as 0"}
 
 
-def _has_gradients(task: Task, metric: str, controls: list[Task]) -> bool:
-    """Whether the identification metric (and each control's) has a gradient (AtP can screen)."""
-    return task.has_gradient(metric) and all(c.has_gradient(c.identification_metric) for c in controls)
+def _budget(objective: Objective, identify: Evaluator, control_id: list[Evaluator], evaluators: list[Evaluator],
+            started: float) -> dict:
+    per_mask = sum(e.tokens_per_mask() or 0 for e in [identify, *control_id]) or None
+    per_target_mask = identify.tokens_per_mask()
+    per_control_mask = sum(e.tokens_per_mask() or 0 for e in control_id)
+    gradient_tokens = sum(e.stats.logical_gradient_tokens for e in [identify, *control_id])
+    return {
+        "evaluations": objective.requested,
+        "control_evaluations": objective.control_requested,
+        "computed_evaluations": sum(e.stats.evaluations for e in evaluators),
+        "reused_evaluations": sum(e.stats.reused for e in evaluators),
+        "model_tokens": sum(e.stats.tokens for e in evaluators),
+        "method_model_tokens": sum(e.stats.tokens for e in [identify, *control_id]),
+        # gradients computed in this run (a rerun reads them from the store)
+        "gradient_model_tokens": sum(e.stats.gradient_tokens for e in [identify, *control_id]),
+        "tokens_per_evaluation": per_mask,
+        # what the method costs whatever the store held: masks asked for on the target and on the controls
+        # (greedy rounds skip controls that cannot change their choice), shared prefixes once, and gradients
+        "logical_model_tokens": (objective.requested * per_target_mask + objective.control_requested * per_control_mask
+                                 + gradient_tokens) if per_target_mask else None,
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
 
 
-def _locate_seeds(arguments: dict) -> LocateResult:
-    """One run per seed (each its own items and method randomness); the first seed's result, with how often each
-    head recurs in the seeds' top-k and their pairwise overlaps."""
-    arguments = dict(arguments)
-    seeds = [int(s) for s in arguments.pop("seeds")]
-    # one model and one store for every seed
-    arguments["model"] = resolve_model(arguments["model"], arguments["dtype"], arguments["device"],
-                                       arguments["workers"], arguments["ray_address"])
-    arguments["store"] = open_store(arguments["store"])
-    out = arguments.pop("out")
-    runs = []
-    for seed in seeds:
-        runs.append(locate(**{**arguments, "seed": seed, "seeds": None, "out": None}))
-    k = arguments["k"]
+def _with_recurrence(runs: list[LocateResult], seeds: list[int], k: int) -> LocateResult:
+    """The first seed's result, with how often each head recurs in the seeds' top-k and their pairwise
+    overlaps."""
     tops = [r.top_heads(k) for r in runs]
     counts: dict[str, int] = {}
     for top in tops:
@@ -251,6 +276,4 @@ def _locate_seeds(arguments: dict) -> LocateResult:
         first.attention_check = dict(first.attention_check) | {
             "reported_in_top_per_seed": [[h for h in top if h in best] for top in tops]}
     first.budget = dict(first.budget) | {"all_seeds_model_tokens": sum(r.budget["model_tokens"] for r in runs)}
-    if out:
-        first.save(out)
     return first

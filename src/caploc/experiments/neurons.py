@@ -11,7 +11,7 @@ commonality neurons are those counted for at least `min_share` of the items.
 Reported: the overlap rate (share of the neurons located on split A found again on a disjoint split B) and
 IoU; the drop when ablating the located neurons vs as many random neurons (task and general capability,
 on split B); and the change when the located neurons' activations are scaled up by each `enhance` factor
-(on SmolLM2's 2-digit addition, x1.1 helped and x2 broke the model: a sweep is the default).
+(a sweep is the default: a small factor can help where a large one breaks the model).
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dataclasses import dataclass, field
+
 from caploc.errors import CaplocError, ParameterError, require
-from caploc.evaluator import Evaluator, Requests, pad_batch
-from caploc.experiments.context import TaskOptions, open_store, resolve_model, resolve_task
+from caploc.evaluator import Requests, pad_batch
 from caploc.experiments.results import NeuronsResult
+from caploc.experiments.specs import EvalOptions, ModelSpec, Runtime, TaskSpec, cli
 from caploc.files import HashCache
 from caploc.models import DEFAULT_MODEL, LoadedModel
 from caploc.sites import neuron_site
@@ -41,8 +43,8 @@ def neuron_attributions(lm: LoadedModel, task: Task, items: list[Item], method: 
     require(method in ATTRIBUTION_METHODS,
             f"unknown attribution {{method}} {method!r}: choose one of {', '.join(ATTRIBUTION_METHODS)}", "method")
     if not isinstance(task, LoglikelihoodTask):
-        raise CaplocError(f"CNL needs a known answer: task {task.name} is a generation task; use a target or "
-                          f"multiple-choice task")
+        raise CaplocError(f"CNL needs a known answer: task {task.name} is a generation task without references; "
+                          f"use a target, multiple-choice or reference task")
     from tqdm.auto import tqdm
 
     model = lm.model
@@ -121,39 +123,66 @@ def _cached_attributions(lm, task, items, method, steps, progress) -> np.ndarray
         key, lambda: neuron_attributions(lm, task, items, method, steps, progress=progress))
 
 
-def neurons(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithmetic", n: int = 50, seed: int = 0,
-            *, method: str = "grad", steps: int = 8, top_q: float = 0.01, min_share: float = 0.5,
-            enhance: float | list[float] = (1.1, 1.3, 2.0), general: str | Task | None = "general", n_general: int = 50,
-            subtask: str | None = None, shots: int | None = None, data: str | None = None,
-            dtype: str = "auto", device: str = "auto", workers: int | None = None, ray_address: str | None = None,
-            store=None, out: str | Path | None = None, progress: bool = False) -> NeuronsResult:
+def _factors(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(f) for f in text.split(",") if f.strip())
+    except ValueError:
+        raise ParameterError(f"{{enhance}}: not comma-separated numbers: {text!r}", "enhance") from None
+
+
+@dataclass(frozen=True)
+class CNLOptions:
+    """Commonality Neuron Localization: the attribution, the selection rule, the enhancement factors, and the
+    general-capability control."""
+
+    method: str = field(default="grad", metadata=cli("--method", help="attribution: grad (activation x gradient) "
+                                                                      "or ig (integrated gradients)"))
+    steps: int = field(default=8, metadata=cli("--steps", help="integrated-gradients steps"))
+    top_q: float = field(default=0.01, metadata=cli("--top-q", help="an item's top fraction of neurons"))
+    min_share: float = field(default=0.5, metadata=cli("--min-share", help="share of items a neuron must be "
+                                                                           "counted for"))
+    enhance: tuple[float, ...] | float = field(default=(1.1, 1.3, 2.0), metadata=cli(
+        "--enhance", help="comma-separated factors to scale the located neurons by (a sweep)", parse=_factors))
+    general: str | None = field(default="general", metadata=cli("--general", help="general-capability task to "
+                                                                                  "ablate on ('' for none)"))
+    n_general: int = 50
+
+
+def neurons(model: ModelSpec | str | LoadedModel = DEFAULT_MODEL, task: TaskSpec | str | Task = "arithmetic",
+            options: CNLOptions | None = None, *, evaluation: EvalOptions | None = None,
+            out: str | Path | None = None) -> NeuronsResult:
     """Locate commonality neurons on split A (n items), again on a disjoint split B, and test split A's
-    neurons on split B: ablation vs as many random neurons, and enhancement by `enhance`."""
+    neurons on split B: ablation vs as many random neurons, and enhancement by each factor. A generation task
+    with references is attributed on its reference's log-probability."""
     started = time.perf_counter()
-    lm = resolve_model(model, dtype, device, workers, ray_address)
-    task_obj = resolve_task(task, TaskOptions(subtask=subtask, shots=shots, data=data))
+    o = options or CNLOptions()
+    rt = Runtime.open(model, evaluation)
+    lm = rt.lm
+    spec = TaskSpec.of(task)
+    n, seed, method, steps = spec.n, spec.seed, o.method, o.steps
+    task_obj = spec.build()
+    task_obj = task_obj.for_metric(task_obj.identification_metric)  # generation: its reference view
     layout = neuron_site(lm.model).layout
     split_a, split_b = task_obj.items(n, seed), task_obj.items(n, seed, offset=n)
+    progress = rt.options.progress
     attr_a = _cached_attributions(lm, task_obj, split_a, method, steps, progress)
     attr_b = _cached_attributions(lm, task_obj, split_b, method, steps, progress)
-    located_a = select_commonality(attr_a, top_q, min_share)
-    located_b = select_commonality(attr_b, top_q, min_share)
+    located_a = select_commonality(attr_a, o.top_q, o.min_share)
+    located_b = select_commonality(attr_b, o.top_q, o.min_share)
     if not located_a:
-        raise ParameterError(f"no neuron is in the top {top_q:.1%} of at least {min_share:.0%} of the items: "
+        raise ParameterError(f"no neuron is in the top {o.top_q:.1%} of at least {o.min_share:.0%} of the items: "
                              f"raise {{top_q}} or lower {{min_share}}", "top_q", "min_share")
     rng = np.random.default_rng(seed)
     random_set = sorted(int(i) for i in rng.choice(np.setdiff1d(np.arange(layout.n_total), located_a),
                                                    size=len(located_a), replace=False))
-    db = open_store(store)
     metric = task_obj.identification_metric
     results = {}
     tasks = [("task", task_obj, split_b)]
-    if general:
-        general_task = resolve_task(general)
-        tasks.append(("general", general_task, general_task.items(n_general, seed)))
+    if o.general:
+        general_task = TaskSpec.of(o.general).build()
+        tasks.append(("general", general_task, general_task.items(o.n_general, seed)))
     for label, t, items in tasks:
-        with Evaluator(lm, t, items, store=db, progress=progress, components="neurons") as ablate:
-            scores = ablate.evaluate([[], located_a, random_set]).scores
+        scores = rt.evaluator(t, items, components="neurons").evaluate([[], located_a, random_set]).scores
         t_metric = metric if label == "task" else t.identification_metric
         entry = {"task": t.config(), "n": len(items), "metric": t_metric,
                  "located": score_summary(scores[t_metric][0], scores[t_metric][1], seed),
@@ -163,10 +192,9 @@ def neurons(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithm
             entry["random_acc"] = score_summary(scores["acc"][0], scores["acc"][2], seed)
         results[label] = entry
     enhancement = []
-    for factor in ([enhance] if isinstance(enhance, (int, float)) else list(enhance)):
-        with Evaluator(lm, task_obj, split_b, store=db, progress=progress, components="neurons",
-                       scale=factor) as enhance_eval:
-            enhanced = enhance_eval.evaluate([[], located_a, random_set]).scores
+    for factor in ([o.enhance] if isinstance(o.enhance, (int, float)) else list(o.enhance)):
+        enhanced = rt.evaluator(task_obj, split_b, components="neurons", scale=factor).evaluate(
+            [[], located_a, random_set]).scores
         # "drop" < 0 is an improvement; the random neurons scaled alike are the control
         enhancement.append({"factor": float(factor), "metrics": {
             m: score_summary(enhanced[m][0], enhanced[m][1], seed) for m in enhanced},
@@ -175,8 +203,8 @@ def neurons(model: str | LoadedModel = DEFAULT_MODEL, task: str | Task = "arithm
     report = NeuronsResult(
         model=lm.describe(), task=task_obj.config(), n=n, seed=seed,
         attribution={"method": method, "steps": steps if method == "ig" else None},
-        rule={"top_q": top_q, "min_share": min_share, "n_neurons_total": layout.n_total,
-              "per_item_top": max(1, int(round(top_q * layout.n_total)))},
+        rule={"top_q": o.top_q, "min_share": o.min_share, "n_neurons_total": layout.n_total,
+              "per_item_top": max(1, int(round(o.top_q * layout.n_total)))},
         neurons=[str(layout.neuron(i)) for i in located_a],
         neurons_split_b=[str(layout.neuron(i)) for i in located_b],
         per_layer=per_layer.tolist(),

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from caploc.errors import ParameterError, require
-from caploc.evaluator import Evaluator
-from caploc.experiments.context import build_tasks, open_store, parse_task_list, resolve_model
 from caploc.experiments.results import CompareResult, LocateResult, SpecificityResult, UniversalResult
+from caploc.experiments.specs import EvalOptions, ModelSpec, Runtime, TaskSuite
 from caploc.models import DEFAULT_MODEL, LoadedModel
 from caploc.stats import score_summary
 from caploc.tasks import GENERAL_TASKS, TASKS
@@ -26,51 +25,47 @@ from caploc.tasks import GENERAL_TASKS, TASKS
 UNIVERSAL_THRESHOLD = 0.1  # relative drop of a task's universality metric that counts as degrading it
 
 
-def specificity(model: str | LoadedModel | None = None, heads: str | list[str] | None = None,
-                tasks: str | list[str] = ("arithmetic", "general"), n: int = 50, seed: int = 0, *,
-                from_run: str | Path | None = None, k: int | None = None,
-                task_options: dict[str, dict] | None = None, allow_code_execution: bool | None = None,
-                dtype: str | None = None, device: str = "auto", workers: int | None = None,
-                ray_address: str | None = None, mode: str = "zero", max_new_tokens: int | None = None,
-                store=None, out: str | Path | None = None, progress: bool = False) -> SpecificityResult:
-    """Ablate a head set (given, or the top-k of a `locate` run) on each task: baseline, ablated and paired
-    drop of the task's score with bootstrap intervals, and the general-capability average."""
+def specificity(model: ModelSpec | str | LoadedModel | None = None, heads: str | list[str] | None = None,
+                suite: TaskSuite | None = None, *, from_run: str | Path | None = None, k: int | None = None,
+                evaluation: EvalOptions | None = None, out: str | Path | None = None) -> SpecificityResult:
+    """Ablate a head set (given, or the top-k of a `locate` run) on each task of the suite: baseline, ablated
+    and paired drop of the task's score with bootstrap intervals (a generation task with references also
+    gets the reference's log-probability), and the general-capability average."""
     started = time.perf_counter()
+    suite = suite or TaskSuite()
     run = LocateResult.load(from_run) if from_run else None
     if run is None and not heads:
         raise ParameterError("give the heads to ablate ({heads}, e.g. L3H2,L5H1) or a locate run ({from_run})",
                              "heads", "from_run")
-    aliases = None
+    spec = ModelSpec.of(model)
+    aliases, run_options = None, None
     if run is not None:
-        model = model or run.model["spec"]
-        dtype = dtype or run.model.get("dtype")
+        spec = spec.with_run_defaults(run.model)
         heads = heads or run.top_heads(k)
         source, options = run.task_source(TASKS)
-        task_options = dict(task_options or {})
-        task_options.setdefault(run.task["task"], options)
+        run_options = {run.task["task"]: options}
         if source != run.task["task"]:
             aliases = {run.task["task"]: source}
-    lm = resolve_model(model or DEFAULT_MODEL, dtype or "auto", device, workers, ray_address)
-    head_list = lm.layout.parse_list(heads)
+    rt = Runtime.open(spec, evaluation)
+    head_list = rt.lm.layout.parse_list(heads)
     require(bool(head_list), "no heads to ablate ({heads})", "heads")
-    mask = [lm.layout.index(h) for h in head_list]
-    db = open_store(store)
+    mask = [rt.lm.layout.index(h) for h in head_list]
     rows = {}
-    for task in build_tasks(parse_task_list(tasks), task_options, allow_code_execution, aliases):
+    for task in suite.build(run_options, aliases):
         # the run's own task is scored on items it did not identify on (offset = its n)
         offset = run.n if run is not None and task.name == run.task["task"] else 0
-        items = task.items(n, seed, offset=offset)
-        with Evaluator(lm, task, items, mode=mode, store=db, progress=progress,
-                       max_new_tokens=max_new_tokens) as evaluator:
+        items = task.items(suite.n, suite.seed, offset=offset)
+        metrics, fingerprint = {}, None
+        for evaluator in rt.evaluators(task, items):
             result = evaluator.evaluate([[], mask])
-        metrics = {m: score_summary(v[0], v[1], seed) for m, v in result.scores.items()}
+            metrics |= {m: score_summary(v[0], v[1], suite.seed) for m, v in result.scores.items() if m not in metrics}
+            fingerprint = fingerprint or evaluator.task_fingerprint
         rows[task.name] = {"task": task.config(), "n": len(items), "offset": offset, "metric": task.default_metric,
-                           **metrics[task.default_metric], "metrics": metrics,
-                           "task_fingerprint": evaluator.task_fingerprint}
+                           **metrics[task.default_metric], "metrics": metrics, "task_fingerprint": fingerprint}
     general = [name for name in rows if name in GENERAL_TASKS]
     report = SpecificityResult(
-        model=lm.describe(), heads=[str(h) for h in head_list], from_run=str(run.path) if run else None, n=n,
-        seed=seed, mode=mode, tasks=rows, general=_general_average(rows, general),
+        model=rt.lm.describe(), heads=[str(h) for h in head_list], from_run=str(run.path) if run else None,
+        n=suite.n, seed=suite.seed, mode=rt.options.mode, tasks=rows, general=_general_average(rows, general),
         wall_seconds=round(time.perf_counter() - started, 2))
     target = out or (run.path.parent if run is not None else None)
     if target:
@@ -95,32 +90,28 @@ def repetition_rate(text: str, n: int = 3) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def universal(model: str | LoadedModel = DEFAULT_MODEL, tasks: str | list[str] = ("arithmetic", "general", "rhyme"),
-              n: int = 20, seed: int = 0, *, candidates: str | list[str] | None = None,
-              threshold: float = UNIVERSAL_THRESHOLD, min_tasks: int | None = None,
-              task_options: dict[str, dict] | None = None, allow_code_execution: bool | None = None,
-              dtype: str = "auto", device: str = "auto", workers: int | None = None, ray_address: str | None = None,
-              mode: str = "zero", max_new_tokens: int | None = None, store=None,
-              out: str | Path | None = None, progress: bool = False) -> UniversalResult:
-    """Ablate every candidate head alone on every task; a head is universal when it degrades at least
-    `min_tasks` tasks (default: all but one of >= 3 tasks, else all) by a relative drop >= `threshold`."""
+def universal(model: ModelSpec | str | LoadedModel = DEFAULT_MODEL, suite: TaskSuite | None = None, *,
+              candidates: str | list[str] | None = None, threshold: float = UNIVERSAL_THRESHOLD,
+              min_tasks: int | None = None, evaluation: EvalOptions | None = None,
+              out: str | Path | None = None) -> UniversalResult:
+    """Ablate every candidate head alone on every task of the suite (default: arithmetic, general, rhyme on 20
+    items); a head is universal when it degrades at least `min_tasks` tasks (default: all but one of >= 3
+    tasks, else all) by a relative drop >= `threshold`."""
     started = time.perf_counter()
-    lm = resolve_model(model, dtype, device, workers, ray_address)
-    layout = lm.layout
+    suite = suite or TaskSuite("arithmetic,general,rhyme", n=20)
+    rt = Runtime.open(model, evaluation)
+    layout = rt.lm.layout
     heads = layout.parse_list(candidates) if candidates else layout.all_heads()
-    task_objs = build_tasks(parse_task_list(tasks), task_options, allow_code_execution)
+    task_objs = suite.build()
     if min_tasks is None:
         min_tasks = len(task_objs) - 1 if len(task_objs) >= 3 else len(task_objs)
     require(1 <= min_tasks <= len(task_objs), f"{{min_tasks}} must be between 1 and {len(task_objs)}", "min_tasks")
-    db = open_store(store)
     masks = [[]] + [[layout.index(h)] for h in heads]
     per_task = {}
     relative = np.zeros((len(heads), len(task_objs)))
     for t, task in enumerate(task_objs):
         metric = task.universality_metric
-        with Evaluator(lm, task, task.items(n, seed), mode=mode, store=db, progress=progress,
-                       max_new_tokens=max_new_tokens) as evaluator:
-            result = evaluator.evaluate(masks)
+        result = rt.evaluator(task, task.items(suite.n, suite.seed)).evaluate(masks)
         means = result.scores[metric].mean(axis=1)
         base = means[0]
         relative[:, t] = (base - means[1:]) / abs(base) if base else 0.0
@@ -140,7 +131,8 @@ def universal(model: str | LoadedModel = DEFAULT_MODEL, tasks: str | list[str] =
         rows.append(row)
     rows.sort(key=lambda r: (-r["tasks_degraded"], -r["mean_relative_drop"]))
     report = UniversalResult(
-        model=lm.describe(), tasks=[t.config() for t in task_objs], n=n, seed=seed, mode=mode, threshold=threshold,
+        model=rt.lm.describe(), tasks=[t.config() for t in task_objs], n=suite.n, seed=suite.seed,
+        mode=rt.options.mode, threshold=threshold,
         min_tasks=min_tasks, metrics={name: s["metric"] for name, s in per_task.items()},
         baselines={name: s["baseline"] for name, s in per_task.items()},
         universal_heads=[r["head"] for r in rows if r["universal"]], heads=rows,

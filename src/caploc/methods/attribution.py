@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from caploc.methods.base import Method, MethodResult, Objective
+from caploc.methods.base import Method, MethodResult, Objective, register_method
 
 
+@register_method("atp")
 class AttributionPatching(Method):
+    """Attribution patching: each head's ablation effect estimated from the gradient, one forward + backward
+    pass for all heads."""
+
     name = "atp"
 
     def run(self, objective: Objective, k: int) -> MethodResult:

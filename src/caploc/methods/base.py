@@ -1,4 +1,4 @@
-"""What every localization method shares: an objective over ablation sets, and the ranked result.
+"""What every localization method shares: an objective over ablation sets, the ranked result, and the registry.
 
 The objective answers, for any masks, the drop of the target metric and (control-aware localization) the
 relative drop of one or more control tasks' metrics on the same masks, and combines them into one criterion:
@@ -7,21 +7,19 @@ relative drop of one or more control tasks' metrics on the same masks, and combi
     (with a tolerance: -BARRIER * (1 + control_drop - tolerance) instead, when control_drop > tolerance)
 
 where control_drop is the mean over control tasks of max(drop / |baseline|, 0): the share of the capability a
-head set removes, minus `penalty` times the share of the control capabilities it removes (improving a control
-earns nothing, and does not pay for damage to another: with `general,text` a set of early heads improved
-`general` by 4% and cost `text` 5%, and a signed mean called that 0.3%). The target's share saturates: it
-equals the relative drop for small drops and never exceeds 1, because a log-probability's relative drop is
-unbounded, and linearly it let breaking a capability ever further buy any damage elsewhere: on induction
-(baseline -1.95 nats) three layer-1 heads take the answer to -13 nats (relative drop 5.6) while costing 81%
-of `general`'s answer log-probability and 32 accuracy points, and outscored the five top prefix-matching
-heads, which take induction accuracy from 0.62 to 0 for 1.7 points of `general` (relative drop 2.3).
-Saturated, breaking a capability is worth at most 1 and the control decides between sets that break it.
-`tolerance` (off by default) makes the control a constraint as well: a head set that costs the control more
-than that share is ranked below every set that does not, however much target it removes, and among such
-sets the smaller excess ranks first; measured on 8 control items it followed their noise, so it is opt-in,
-for large control sets. Without a control task the criterion is the plain target drop, the paper's
-objective. Every per-item score the objective sees is kept, so `resampled()` can replay a method on
-bootstrap resamples of the items without a new model call.
+head set removes, minus `penalty` times the share of the control capabilities it removes. Improving a control
+earns nothing and does not pay for damage to another. The target's share saturates: it equals the relative
+drop for small drops and never exceeds 1, because a log-probability's relative drop is unbounded, and a linear
+share would let breaking a capability ever further buy any damage elsewhere; saturated, breaking a capability
+is worth at most 1 and the control decides between sets that break it. `tolerance` (off by default) makes the
+control a constraint as well: a head set that costs the control more than that share ranks below every set
+that does not, and among such sets the smaller excess ranks first. Without a control task the criterion is
+the plain target drop, the paper's objective. Every per-item score the objective sees is kept, so
+`resampled()` can replay a method on bootstrap resamples of the items without a new model call.
+docs/results.md has the measurements behind these choices.
+
+Methods register themselves (`@register_method("name")`) and declare their parameters in `__init__`
+(`caploc.params`); `make_method(name, **params)` builds one.
 """
 
 from __future__ import annotations
@@ -31,6 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from caploc.evaluator import Evaluator
+from caploc.masks import Masks
+from caploc.params import Configurable, Registry
 
 DEFAULT_PENALTY = 1.0
 DEFAULT_TOLERANCE = None  # off: with the small control sets locate uses, the constraint follows their noise
@@ -39,6 +39,19 @@ BARRIER = 1e6  # below any attainable score: past the tolerance, only the contro
 
 class NotEvaluated(KeyError):
     """A resampled objective was asked for a mask the original run never evaluated."""
+
+
+METHODS = Registry("method")
+
+
+def register_method(name: str, **fixed):
+    """Class decorator: register a method under `name`; `fixed` arguments are passed on every build."""
+    return METHODS.register(name, **fixed)
+
+
+def make_method(name: str, **params) -> "Method":
+    """The registered method `name` with `params` (None keeps a default)."""
+    return METHODS.build(name, **params)
 
 
 def _point(ablated) -> frozenset:
@@ -60,11 +73,12 @@ class Objective:
         self.control_metrics = [c.task.identification_metric for c in self.controls]
         self.penalty = float(penalty)
         self.tolerance = None if tolerance is None else float(tolerance)
-        self.n_heads = evaluator.n_heads
+        self.n_components = evaluator.n_components
         self.requested = 0  # masks this objective asked for on the target (a method's budget, cached or not)
         self.control_requested = 0  # masks it asked for on the controls (every one, unless a method bounds them)
-        self._seen: dict[bytes, np.ndarray] = {}  # mask -> per-item target scores
-        self._seen_control: dict[bytes, list[np.ndarray]] = {}  # mask -> per control, per-item scores
+        # what the method saw, by mask key (the evidence bootstrap replays answer from)
+        self._seen: dict[str, np.ndarray] = {}  # per-item target scores
+        self._seen_control: dict[str, list[np.ndarray]] = {}  # per control, per-item scores
         # per-item gradients, keyed by the set of heads held at 0 (empty: the unablated model)
         self._gradients: dict[frozenset, tuple[np.ndarray, list[np.ndarray]]] = {}
         self.weights: list[np.ndarray | None] = [None] * (1 + len(self.controls))  # bootstrap item weights
@@ -76,24 +90,22 @@ class Objective:
         return bool(self.controls)
 
     # -- per-item scores, kept ---------------------------------------------------------------------------
-    def target_items(self, masks: np.ndarray) -> list[np.ndarray]:
-        masks = np.asarray(masks, dtype=bool)
+    def target_items(self, masks: Masks) -> list[np.ndarray]:
         self.requested += len(masks)
         target = self.evaluator.evaluate(masks).scores[self.metric]
-        for row, scores in zip(masks, target):
-            self._seen[row.tobytes()] = scores
+        for key, scores in zip(masks.keys(), target):
+            self._seen[key] = scores
         return list(target)
 
-    def control_items(self, masks: np.ndarray) -> list[list[np.ndarray]]:
-        masks = np.asarray(masks, dtype=bool)
+    def control_items(self, masks: Masks) -> list[list[np.ndarray]]:
         if not self.controls:
-            return [[] for _ in masks]
+            return [[] for _ in range(len(masks))]
         self.control_requested += len(masks)
         controls = [c.evaluate(masks).scores[m] for c, m in zip(self.controls, self.control_metrics)]
         out = []
-        for j, row in enumerate(masks):
-            self._seen_control[row.tobytes()] = [c[j] for c in controls]
-            out.append(self._seen_control[row.tobytes()])
+        for j, key in enumerate(masks.keys()):
+            self._seen_control[key] = [c[j] for c in controls]
+            out.append(self._seen_control[key])
         return out
 
     @property
@@ -104,14 +116,14 @@ class Objective:
         return [float(_mean(b, w)) for b, w in zip(self.control_baseline_items, self.weights[1:])]
 
     # -- responses -----------------------------------------------------------------------------------
-    def scores(self, masks: np.ndarray) -> np.ndarray:
+    def scores(self, masks: Masks) -> np.ndarray:
         """Mean target score under each mask."""
         return np.array([_mean(t, self.weights[0]) for t in self.target_items(masks)])
 
-    def drops(self, masks: np.ndarray) -> np.ndarray:
+    def drops(self, masks: Masks) -> np.ndarray:
         return self.baseline - self.scores(masks)
 
-    def control_drops(self, masks: np.ndarray) -> np.ndarray:
+    def control_drops(self, masks: Masks) -> np.ndarray:
         """Per mask, the control damage: the mean over the control tasks of each one's relative drop, an
         improvement counting as 0."""
         bases = self.control_baselines()
@@ -119,7 +131,7 @@ class Objective:
                                   for c, b, w in zip(cs, bases, self.weights[1:])])
                          for cs in self.control_items(masks)])
 
-    def responses(self, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def responses(self, masks: Masks) -> tuple[np.ndarray, np.ndarray | None]:
         """Per mask: the target drop (metric units) and the control damage (`control_drops`; None without
         controls)."""
         target = self.drops(masks)
@@ -146,19 +158,22 @@ class Objective:
         excess = control_drop - self.tolerance
         return np.where(excess > 0, -BARRIER * (1 + np.maximum(excess, 0)), score)
 
-    def criterion(self, masks: np.ndarray) -> np.ndarray:
+    def criterion(self, masks: Masks) -> np.ndarray:
         return self.specificity(*self.responses(masks))
 
-    def evaluated(self, masks: np.ndarray, control: bool = False) -> np.ndarray:
+    def evaluated(self, masks: Masks, control: bool = False) -> np.ndarray:
         """Which masks this objective can answer on the target (or, `control`, on the controls): all of them;
         a resampled one only those the run scored."""
         return np.ones(len(masks), dtype=bool)
 
-    def set_masks(self, head_sets) -> np.ndarray:
-        masks = np.zeros((len(head_sets), self.n_heads), dtype=bool)
-        for row, heads in enumerate(head_sets):
-            masks[row, list(heads)] = True
-        return masks
+    def set_masks(self, head_sets) -> Masks:
+        return Masks.from_sets(head_sets, self.n_components)
+
+    @property
+    def has_gradients(self) -> bool:
+        """Whether the target's metric and every control's have a gradient (AtP can screen)."""
+        return self.evaluator.task.has_gradient(self.metric) and all(
+            c.task.has_gradient(m) for c, m in zip(self.controls, self.control_metrics))
 
     # -- first-order estimates -------------------------------------------------------------------------
     def item_gradients(self, ablated=()) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -201,25 +216,25 @@ class ResampledObjective(Objective):
         self.weights = [np.bincount(rng.integers(0, len(b), len(b)), minlength=len(b)).astype(np.float64)
                         for b in [source.baseline_items, *source.control_baseline_items]]
 
-    def target_items(self, masks: np.ndarray) -> list[np.ndarray]:
+    def target_items(self, masks: Masks) -> list[np.ndarray]:
         return self._stored(masks, self.source._seen)
 
-    def control_items(self, masks: np.ndarray) -> list[list[np.ndarray]]:
-        return self._stored(masks, self.source._seen_control) if self.controls else [[] for _ in masks]
+    def control_items(self, masks: Masks) -> list[list[np.ndarray]]:
+        return self._stored(masks, self.source._seen_control) if self.controls else [[] for _ in range(len(masks))]
 
     @staticmethod
-    def _stored(masks: np.ndarray, seen: dict) -> list:
+    def _stored(masks: Masks, seen: dict) -> list:
         out = []
-        for row in np.asarray(masks, dtype=bool):
-            scores = seen.get(row.tobytes())
+        for i, key in enumerate(masks.keys()):
+            scores = seen.get(key)
             if scores is None:
-                raise NotEvaluated(np.flatnonzero(row).tolist())
+                raise NotEvaluated(masks.indices(i))
             out.append(scores)
         return out
 
-    def evaluated(self, masks: np.ndarray, control: bool = False) -> np.ndarray:
+    def evaluated(self, masks: Masks, control: bool = False) -> np.ndarray:
         seen = self.source._seen_control if control else self.source._seen
-        return np.array([row.tobytes() in seen for row in np.asarray(masks, dtype=bool)], dtype=bool)
+        return np.array([key in seen for key in masks.keys()], dtype=bool)
 
     def item_gradients(self, ablated=()):
         key = _point(ablated)
@@ -242,11 +257,12 @@ class MethodResult:
         return self.ranking[:k]
 
 
-class Method:
-    name = "method"
+class Method(Configurable):
+    """A localization method: `run(objective, k)` ranks every component. Its parameters are its
+    `__init__`'s (`params()`, `clone()` and the command line's flags come from there); one named `seed` is
+    set from the run's seed."""
 
-    def params(self) -> dict:
-        return {}
+    name = "method"
 
     def run(self, objective: Objective, k: int) -> MethodResult:
         raise NotImplementedError

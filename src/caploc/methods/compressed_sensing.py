@@ -11,8 +11,12 @@ import warnings
 
 import numpy as np
 
+from typing import Annotated
+
 from caploc.errors import require
-from caploc.methods.base import Method, MethodResult, Objective
+from caploc.masks import Masks
+from caploc.methods.base import Method, MethodResult, Objective, register_method
+from caploc.params import Param
 
 DESIGNS = ("bernoulli", "stratified")
 
@@ -93,9 +97,19 @@ def rank_from_fit(coef: np.ndarray, marginal: np.ndarray) -> list[int]:
     return [int(i) for i in np.lexsort((marginal, coef))]
 
 
+MASKS = Annotated[int, Param("compressed sensing: number of random ablation masks", flag="--masks")]
+SPARSITY = Annotated[float, Param("compressed sensing: fraction of heads per mask")]
+ALPHA = Annotated[float | str, Param("compressed sensing: the Lasso penalty, cv (cross-validated) or a number")]
+
+
+@register_method("csb", design="bernoulli")
+@register_method("css", design="stratified")
 class CompressedSensing(Method):
-    def __init__(self, design: str = "stratified", n_masks: int = 100, sparsity: float = 0.02,
-                 alpha="cv", seed: int = 0):
+    """Compressed sensing (the paper's CSS, stratified, and CSB, Bernoulli): random ablation masks, then a
+    Lasso of the score change on the design."""
+
+    def __init__(self, design: str = "stratified", n_masks: MASKS = 100, sparsity: SPARSITY = 0.05,
+                 alpha: ALPHA = "cv", seed: int = 0):
         check_design(design, n_masks, sparsity)  # before any model time is spent
         self.design = design
         self.n_masks = n_masks
@@ -113,13 +127,9 @@ class CompressedSensing(Method):
     def name(self) -> str:
         return "css" if self.design == "stratified" else "csb"
 
-    def params(self) -> dict:
-        return {"design": self.design, "n_masks": self.n_masks, "sparsity": self.sparsity, "alpha": self.alpha,
-                "seed": self.seed}
-
     def run(self, objective: Objective, k: int) -> MethodResult:
-        design = make_design(self.design, self.n_masks, objective.n_heads, self.sparsity, self.seed)
-        target, control = objective.responses(design)
+        design = make_design(self.design, self.n_masks, objective.n_components, self.sparsity, self.seed)
+        target, control = objective.responses(Masks(design))
         return self.fit(design, -target, None if control is None else -control, objective)
 
     def fit(self, design: np.ndarray, delta: np.ndarray, control_delta: np.ndarray | None = None,

@@ -2,9 +2,8 @@
 criterion.
 
 Greedy adds one head at a time and never revisits a pick, so it stops at sets whose heads only pay off
-together, and which set it stops at depends on the identification items' noise: on SmolLM2 induction, seed 1's
-refine set (L1H4, L18H6, L18H7, L13H0, L8H8) scores 0.788 on its own items, seeds 0 and 2's set (L1H4, L2H2,
-L0H2, L0H5, L2H4) 0.830 on the same items. A swap moves between such sets one head at a time.
+together, and which set it stops at depends on the identification items' noise. A swap moves between such
+sets one head at a time.
 
 Each pass costs k exact leave-one-out masks (the chosen set without each head), one set of marginal estimates
 at the full set (the gradient there, or a regression screen's single-head effects) and `n_swaps` exact swap
@@ -13,13 +12,9 @@ masks: the estimate of swapping h for j is the exact drop without h plus j's est
 set). The best exact swap is kept only if it raises the criterion in CONFIDENCE of RESAMPLES bootstrap
 resamples of the identification items (stored per-item scores, no model call): a swap that is better on the
 mean but not across resamples fits the items' noise, and the swap tested is the best of `n_swaps`, which
-inflates its support, so the bar is high. Measured on SmolLM2 (bench/locate_quality.py, 40 items): with no
-bar, the first pass on arithmetic 2D+ seed 1 swapped out L14H1 (in every seed's refine set, and greedy's for
-seeds 0 and 1) for L17H8 (higher in 82% of resamples) and the cross-seed top-5 overlap fell from 3.0 to 2.3;
-the demo's 30 items propose L14H1 -> L14H2 at 88%; the one induction swap that moves seed 1 toward seeds 0 and
-2 (L18H7 -> L2H2, overlap 2.3 -> 3.0) has 93%. At 95% none of them is kept, and what each pass proposed and
-its support is recorded and printed: the closest competitor of the chosen set. The passes stop at the first
-one that keeps nothing.
+inflates its support, so the bar is high (docs/results.md has what lower bars did). What each pass proposed
+and its support is recorded and printed: the closest competitor of the chosen set. The passes stop at the
+first one that keeps nothing.
 
 A bootstrap replay (no gradient at a point the run never reached) tries every swap whose mask the run
 evaluated; its resamples of the resample are drawn uniformly.
@@ -98,7 +93,7 @@ def _support(objective: Objective, before: list[int], after: list[int], seed: in
 def _proposals(objective: Objective, chosen: list[int], n_swaps: int,
                marginals: Marginals) -> list[tuple[int, int]]:
     """The (out, in) swaps worth an exact evaluation, best estimate first."""
-    others = [j for j in range(objective.n_heads) if j not in chosen]
+    others = [j for j in range(objective.n_components) if j not in chosen]
     if not others:
         return []
     try:

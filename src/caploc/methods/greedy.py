@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from caploc.methods.base import Method, MethodResult, Objective
+from caploc.masks import Masks
+from caploc.methods.base import Method, MethodResult, Objective, register_method
 
 
 CONTROL_BATCH = 4  # masks whose controls a bounded round evaluates at a time
 
 
-def _effects(objective: Objective, masks: np.ndarray):
+def _effects(objective: Objective, masks: Masks):
     target, control = objective.responses(masks)
     return objective.specificity(target, control), target, control
 
 
-def bounded_effects(objective: Objective, masks: np.ndarray, best: float = -np.inf):
+def bounded_effects(objective: Objective, masks: Masks, best: float = -np.inf):
     """A greedy round keeps only the best mask by the criterion, and the criterion is at most what the target
     drop alone gives (`Objective.upper_bound`: the control only subtracts). So the controls are evaluated in
     order of that bound, CONTROL_BATCH masks at a time, until no remaining mask's bound reaches the best
@@ -46,13 +47,15 @@ def _order(scores: np.ndarray, target_bound: np.ndarray) -> np.ndarray:
     return np.lexsort((-np.where(missing, target_bound, scores), missing))
 
 
+@register_method("1s-greedy")
 class OneShotGreedy(Method):
-    """One pass of the N single-head ablations; the k best by the criterion."""
+    """One-shot greedy (the paper's 1S-Greedy): one pass of the N single-head ablations; the k best by the
+    criterion."""
 
     name = "1s-greedy"
 
     def run(self, objective: Objective, k: int) -> MethodResult:
-        n = objective.n_heads
+        n = objective.n_components
         scores, target, control = _effects(objective, objective.set_masks([[i] for i in range(n)]))
         # stable order: equal scores keep head order, so the ranking is reproducible
         ranking = [int(i) for i in np.argsort(-scores, kind="stable")]
@@ -63,21 +66,20 @@ class OneShotGreedy(Method):
                             details=details, target_effects=target, control_effects=control)
 
 
+@register_method("greedy")
 class Greedy(Method):
-    """Iterative: k rounds; each ablates every remaining candidate on top of those already chosen and keeps the
-    best by the criterion. Round 1 is exactly one-shot greedy's sweep (shared through the store).
-    `candidates` restricts the search (screen-and-refine); None searches every head."""
+    """Iterative greedy (the paper's): k rounds; each ablates every remaining head on top of those already
+    chosen and keeps the best by the criterion. Round 1 is exactly one-shot greedy's sweep (shared through the
+    store)."""
 
     name = "greedy"
-
-    def __init__(self, candidates: list[int] | None = None):
-        self.candidates = None if candidates is None else [int(i) for i in candidates]
+    candidates: list[int] | None = None  # every head
 
     def pool(self, objective: Objective, chosen: list[int], last_order: list[int],
              last_round: dict | None) -> list[int]:
         """The heads a round tries on top of `chosen` (`last_order`: the previous round's exact order,
         `last_round`: its record, with the exact cumulative drops of `chosen`)."""
-        return list(range(objective.n_heads)) if self.candidates is None else list(self.candidates)
+        return list(range(objective.n_components)) if self.candidates is None else list(self.candidates)
 
     def run(self, objective: Objective, k: int) -> MethodResult:
         chosen: list[int] = []
@@ -112,21 +114,21 @@ class Greedy(Method):
             last_order = order
         if first is None:  # a replay that could evaluate nothing: the candidates in the order given
             pool = self.pool(objective, [], [], None)
-            return MethodResult(ranking=pool + [i for i in range(objective.n_heads) if i not in pool],
-                                head_scores=np.full(objective.n_heads, np.nan), score_name=_score_name(objective),
+            return MethodResult(ranking=pool + [i for i in range(objective.n_components) if i not in pool],
+                                head_scores=np.full(objective.n_components, np.nan), score_name=_score_name(objective),
                                 details={"rounds": []})
         cand, scores, target, control = first
         order = last_order if diverged else [cand[j] for j in _order(scores, objective.upper_bound(target))]
         rest = [i for i in order if i not in chosen]
-        head_scores = np.full(objective.n_heads, np.nan if self.candidates is not None else 0.0)
+        head_scores = np.full(objective.n_components, np.nan if self.candidates is not None else 0.0)
         head_scores[cand] = scores
-        target_effects = np.full(objective.n_heads, np.nan)
+        target_effects = np.full(objective.n_components, np.nan)
         target_effects[cand] = target
         control_effects = None
         if control is not None:
-            control_effects = np.full(objective.n_heads, np.nan)
+            control_effects = np.full(objective.n_components, np.nan)
             control_effects[cand] = control
-        ranking = chosen + rest + [i for i in range(objective.n_heads) if i not in chosen and i not in rest]
+        ranking = chosen + rest + [i for i in range(objective.n_components) if i not in chosen and i not in rest]
         return MethodResult(ranking=ranking, head_scores=head_scores, score_name=_score_name(objective),
                             details={"rounds": rounds}, target_effects=target_effects,
                             control_effects=control_effects)
@@ -134,3 +136,10 @@ class Greedy(Method):
 
 def _score_name(objective: Objective) -> str:
     return "single-head specificity" if objective.has_control else "single-head drop"
+
+
+class RestrictedGreedy(Greedy):
+    """Greedy over `candidates` only (screen-and-refine's exact step)."""
+
+    def __init__(self, candidates: list[int]):
+        self.candidates = [int(i) for i in candidates]

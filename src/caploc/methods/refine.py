@@ -11,46 +11,89 @@ matter *given* that ablation (iterative greedy's second and later picks are ofte
 shows once the first is gone: backups and heads downstream of it), joined by the best `n_candidates // 4`
 of the previous round's exact order. One forward + backward pass per round on top of the masks.
 
-`passes` > 0 then improves the greedy set by exact swaps (`methods.exchange`), each proposed by the gradient
-at the current set (the gradient screen) or by the screen's single-head estimates (a regression screen).
+`exchange_passes` > 0 then improves the greedy set by exact swaps (`methods.exchange`), each proposed by the
+gradient at the current set (the gradient screen) or by the screen's single-head estimates (a regression
+screen). Where the metric has no gradient (a generation task scored by generation), the atp screen gives way
+to csb and the result says so.
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 
+from caploc.errors import require
 from caploc.methods.attribution import AttributionPatching
-from caploc.methods.base import Method, MethodResult, NotEvaluated, Objective
-from caploc.methods.exchange import DEFAULT_SWAPS, exchange
-from caploc.methods.greedy import Greedy
+from caploc.methods.base import Method, MethodResult, NotEvaluated, Objective, make_method, register_method
+from caploc.methods.compressed_sensing import ALPHA, MASKS, SPARSITY
+from caploc.methods.exchange import CONFIDENCE, DEFAULT_SWAPS, exchange
+from caploc.methods.greedy import RestrictedGreedy
+from caploc.params import Param
+
+SCREENS = ("atp", "csb", "css")
+# candidates refine's greedy decides among, per screen: AtP is taken again at every round's ablation, so a
+# short list sees the heads that matter then; a regression screen is not redone, so it keeps a wider list
+# (docs/results.md has the measurements)
+DEFAULT_CANDIDATES = {"atp": 8, "csb": 16, "css": 16}
+DEFAULT_EXCHANGE = 1  # exact swap passes after the greedy: one tests the set against its closest competitors
 
 
+@register_method("refine")
 class ScreenRefine(Method):
+    """Screen and refine (the default): a screen (AtP, or compressed sensing) nominates candidates, exact
+    greedy picks among them, exact swaps then test the set."""
+
     name = "refine"
 
-    def __init__(self, screen: Method, n_candidates: int = 16, passes: int = 0,
-                 n_swaps: int = DEFAULT_SWAPS):
+    def __init__(self, screen: Annotated[str, Param("refine: the screen (atp, csb, css)")] = "atp",
+                 n_candidates: Annotated[int | None, Param(
+                     "refine: candidates greedy decides among (default 8 with the atp screen, re-taken every "
+                     "round; 16 with csb or css)", flag="--candidates")] = None,
+                 exchange_passes: Annotated[int, Param(
+                     f"refine: passes of exact head swaps after its greedy (a swap is kept only if it raises the "
+                     f"criterion in {CONFIDENCE:.0%} of bootstrap resamples of the items; 0 for none)",
+                     flag="--exchange")] = DEFAULT_EXCHANGE,
+                 exchange_swaps: Annotated[int, Param("refine: swaps each exchange pass evaluates exactly",
+                                                      flag="--swaps")] = DEFAULT_SWAPS,
+                 n_masks: MASKS = 100, sparsity: SPARSITY = 0.05, alpha: ALPHA = "cv", seed: int = 0):
+        require(screen in SCREENS, f"unknown {{screen}} {screen!r}: choose one of {', '.join(SCREENS)}", "screen")
+        require(n_candidates is None or n_candidates >= 1, "{n_candidates} must be positive", "n_candidates")
+        require(exchange_passes >= 0, "{exchange_passes} must be >= 0", "exchange_passes")
         self.screen = screen
         self.n_candidates = n_candidates
-        self.passes = passes
-        self.n_swaps = n_swaps
+        self.exchange_passes = exchange_passes
+        self.exchange_swaps = exchange_swaps
+        self.n_masks, self.sparsity, self.alpha, self.seed = n_masks, sparsity, alpha, seed
+        self._replayed_screen: Method | None = None  # set by for_replay
 
-    def params(self) -> dict:
-        return {"screen": self.screen.name, "n_candidates": self.n_candidates, "exchange_passes": self.passes,
-                "exchange_swaps": self.n_swaps, **{f"screen_{k}": v for k, v in self.screen.params().items()}}
+    def _screen(self, name: str) -> Method:
+        if name == "atp":
+            return make_method("atp")
+        return make_method(name, n_masks=self.n_masks, sparsity=self.sparsity, alpha=self.alpha, seed=self.seed)
 
     def for_replay(self, details: dict) -> "ScreenRefine":
-        return ScreenRefine(self.screen.for_replay(details["screen"]), self.n_candidates, self.passes,
-                            self.n_swaps)
+        """The run's own screen (the one it fell back to included), as its replays run it."""
+        replay = self.clone()
+        replay._replayed_screen = self._screen(details["screen"]["name"]).for_replay(details["screen"])
+        return replay
 
     def run(self, objective: Objective, k: int) -> MethodResult:
-        screened = self.screen.run(objective, k)
-        candidates = screened.ranking[: max(k, self.n_candidates)]
-        adaptive = isinstance(self.screen, AttributionPatching)
+        name, notes = self.screen, []
+        if name == "atp" and not objective.has_gradients:
+            # generation scores (pass@1, a rhyme, a swear count) have no gradient: screen by regression instead
+            name = "csb"
+            notes.append(f"the {objective.metric} metric (or a control's) has no gradient, so the refine screen "
+                         f"is csb instead of atp")
+        screen = self._replayed_screen or self._screen(name)
+        n_candidates = self.n_candidates or DEFAULT_CANDIDATES[screen.name]
+        screened = screen.run(objective, k)
+        candidates = screened.ranking[: max(k, n_candidates)]
+        adaptive = isinstance(screen, AttributionPatching)
         if adaptive:
-            refined = _RescreenedGreedy(candidates, self.n_candidates).run(objective, k)
+            refined = _RescreenedGreedy(candidates, n_candidates).run(objective, k)
         else:
-            refined = Greedy(candidates).run(objective, k)
+            refined = RestrictedGreedy(candidates).run(objective, k)
         exact = np.isfinite(refined.head_scores)
         # exact single-head measurements where refine made them, the screen's estimates elsewhere
         head_scores = np.where(exact, refined.head_scores, np.nan)
@@ -64,34 +107,37 @@ class ScreenRefine(Method):
         rounds = refined.details["rounds"]
         chosen = [r["head"] for r in rounds]
         exchanges = []
-        if self.passes and len(chosen) == k:
+        if self.exchange_passes and len(chosen) == k:
             if adaptive:  # the gradient taken at the set
                 marginals = objective.estimated_drops
             else:  # the regression's single-head estimates, the same on top of any set
                 def marginals(_chosen):
                     return screened.target_effects, screened.control_effects
             chosen, exchanges = exchange(objective, chosen, rounds[-1]["cumulative_drop"],
-                                         rounds[-1].get("cumulative_control_drop"), self.passes, self.n_swaps,
-                                         marginals)
+                                         rounds[-1].get("cumulative_control_drop"), self.exchange_passes,
+                                         self.exchange_swaps, marginals)
         ranking = chosen + [i for i in screened.ranking if i not in chosen]
         details = {"candidates": candidates, "rounds": rounds, "exchanges": exchanges,
                    # forward + backward passes of the gradient screen: the first, one per later round, one
                    # per exchange pass
                    "gradient_points": len(rounds) + len(exchanges) if adaptive else 0,
-                   "screen": {"name": self.screen.name, "score_name": screened.score_name,
+                   "n_candidates": n_candidates,
+                   "screen": {"name": screen.name, "score_name": screened.score_name,
                               "head_scores": np.asarray(screened.head_scores).tolist(),
                               **{k: v for k, v in screened.details.items()
                                  if k in ("r2", "alpha", "control_alpha", "control_r2", "warning")}}}
+        if notes:
+            details["notes"] = notes
         return MethodResult(ranking=ranking, head_scores=head_scores, score_name=refined.score_name + " (candidates)",
                             details=details, target_effects=target, control_effects=control)
 
 
-class _RescreenedGreedy(Greedy):
+class _RescreenedGreedy(RestrictedGreedy):
     """Greedy whose candidates after round 1 are the gradient's top heads at the current ablation, plus the
     best few of the previous round's exact order."""
 
-    def __init__(self, first: list[int], n_candidates: int):
-        super().__init__(first)
+    def __init__(self, candidates: list[int], n_candidates: int):
+        super().__init__(candidates)
         self.n_candidates = n_candidates
 
     def pool(self, objective: Objective, chosen: list[int], last_order: list[int],
@@ -101,7 +147,7 @@ class _RescreenedGreedy(Greedy):
         try:
             target, control = objective.estimated_drops(chosen)
         except NotEvaluated:  # a bootstrap replay off the run's path: whatever the run evaluated decides
-            return list(range(objective.n_heads))
+            return list(range(objective.n_components))
         # the criterion is not linear in the drops (its target share saturates): rank each candidate at the
         # point it would reach, the chosen set's exact drops plus its estimated marginal ones
         target = target + last_round["cumulative_drop"]

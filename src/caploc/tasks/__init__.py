@@ -1,18 +1,18 @@
-"""Task registry: build a task by name (or from a user's own file) with its options."""
+"""Tasks: each module registers its tasks (`@register_task()`) when imported here; `get_task` builds one by
+name, from a user's own file, or from an lm-evaluation-harness task (`lmeval:NAME`)."""
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
-from caploc.data import file_format
 from caploc.errors import CaplocError, ParameterError
+from caploc.records import file_format
 from caploc.tasks.arithmetic import Arithmetic
-from caploc.tasks.base import GenerationTask, Item, LoglikelihoodTask, MultipleChoiceTask, TargetTask, Task
-from caploc.tasks.benchmarks import (MMLU, PIQA, ARCChallenge, ARCEasy, BoolQ, CommonsenseQA, HellaSwag,
-                                     LambadaOpenAI, OpenBookQA, SciQ, TruthfulQAMC1, TruthfulQAMC2, WinoGrande,
-                                     WMDPBio, WMDPChem, WMDPCyber)
-from caploc.tasks.code import MBPP, HumanEval
+from caploc.tasks.base import (REFERENCE_METRIC, TASKS, GenerationTask, Item, LoglikelihoodTask, MultipleChoiceTask,
+                               ReferenceTask, TargetTask, Task, register_task)
+from caploc.tasks.benchmarks import PIQA, ARCChallenge, ARCEasy, BoolQ, CommonsenseQA, HellaSwag, OpenBookQA, SciQ, WinoGrande
+from caploc.tasks.knowledge import MMLU, LambadaOpenAI, TruthfulQAMC1, TruthfulQAMC2, WMDPBio, WMDPChem, WMDPCyber
+from caploc.tasks.code import MBPP, CodeTask, HumanEval
 from caploc.tasks.gsm8k import GSM8K
 from caploc.tasks.induction import Induction
 from caploc.tasks.ioi import IOI
@@ -22,14 +22,6 @@ from caploc.tasks.swear import Swear
 from caploc.tasks.text import TextPerplexity
 from caploc.tasks.user import UserTargetTask, user_task
 
-TASKS: dict[str, type[Task]] = {
-    "arithmetic": Arithmetic, "gsm8k": GSM8K, "humaneval": HumanEval, "mbpp": MBPP, "swear": Swear,
-    "rhyme": Rhyme, "hellaswag": HellaSwag, "arc_challenge": ARCChallenge, "arc_easy": ARCEasy, "boolq": BoolQ,
-    "mmlu": MMLU, "piqa": PIQA, "winogrande": WinoGrande, "openbookqa": OpenBookQA, "commonsense_qa": CommonsenseQA,
-    "sciq": SciQ, "lambada_openai": LambadaOpenAI, "truthfulqa_mc1": TruthfulQAMC1, "truthfulqa_mc2": TruthfulQAMC2,
-    "wmdp_bio": WMDPBio, "wmdp_chem": WMDPChem, "wmdp_cyber": WMDPCyber, "general": General,
-    "induction": Induction, "ioi": IOI, "text": TextPerplexity,
-}
 # general-capability tasks: averaged into the "general" figure of a specificity report
 GENERAL_TASKS = ("general", "hellaswag", "arc_challenge", "arc_easy", "boolq", "mmlu", "piqa", "winogrande",
                  "openbookqa", "commonsense_qa", "sciq", "lambada_openai", "truthfulqa_mc1", "truthfulqa_mc2")
@@ -37,11 +29,11 @@ LMEVAL_PREFIX = "lmeval:"
 
 
 def get_task(name: str, **options) -> Task:
-    """Build a task by name, from a user's JSONL/JSON/CSV/Parquet file, or from an lm-evaluation-harness task
-    (`lmeval:NAME`); options that are None keep the task's defaults."""
+    """Build a task by registered name, from a user's JSONL/JSON/CSV/Parquet file, or from an
+    lm-evaluation-harness task (`lmeval:NAME`); options that are None keep the task's defaults."""
     given = {k: v for k, v in options.items() if v is not None}
     if name.startswith(LMEVAL_PREFIX):
-        from caploc.tasks.lmeval import lmeval_task
+        from caploc.tasks.harness import lmeval_task
 
         return lmeval_task(name[len(LMEVAL_PREFIX):], **given)
     if name not in TASKS and file_format(Path(name)):
@@ -55,17 +47,22 @@ def get_task(name: str, **options) -> Task:
     if name not in TASKS:
         raise CaplocError(f"unknown task {name!r}: choose one of {', '.join(sorted(TASKS))}, "
                           f"or give a JSONL file of your own")
-    cls = TASKS[name]
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = {p.name for p in TASKS[name].params}
     unknown = [k for k in given if k not in accepted]
     if unknown:
         raise ParameterError(f"task {name} does not take option(s): " + ", ".join("{%s}" % u for u in unknown),
                              *unknown)
-    return cls(**given)
+    return TASKS[name].build(**given)
 
 
-__all__ = ["Item", "Task", "TargetTask", "MultipleChoiceTask", "GenerationTask", "LoglikelihoodTask", "TASKS",
-           "GENERAL_TASKS", "get_task", "Arithmetic", "GSM8K", "HumanEval", "MBPP", "Swear", "Rhyme", "HellaSwag",
-           "ARCChallenge", "ARCEasy", "BoolQ", "MMLU", "PIQA", "WinoGrande", "OpenBookQA", "CommonsenseQA", "SciQ",
-           "LambadaOpenAI", "TruthfulQAMC1", "TruthfulQAMC2", "WMDPBio", "WMDPChem", "WMDPCyber", "General",
-           "UserChoiceTask", "UserTargetTask", "Induction", "IOI", "TextPerplexity"]
+def runs_code(name: str) -> bool:
+    """Whether the task `name` executes model-written code (and so takes `allow_code_execution`)."""
+    return name in TASKS and issubclass(TASKS[name].cls, CodeTask)
+
+
+__all__ = ["REFERENCE_METRIC", "Item", "Task", "TargetTask", "MultipleChoiceTask", "GenerationTask", "LoglikelihoodTask",
+           "ReferenceTask", "TASKS", "GENERAL_TASKS", "get_task", "register_task", "runs_code", "Arithmetic",
+           "GSM8K", "HumanEval", "MBPP", "Swear", "Rhyme", "HellaSwag", "ARCChallenge", "ARCEasy", "BoolQ", "MMLU",
+           "PIQA", "WinoGrande", "OpenBookQA", "CommonsenseQA", "SciQ", "LambadaOpenAI", "TruthfulQAMC1",
+           "TruthfulQAMC2", "WMDPBio", "WMDPChem", "WMDPCyber", "General", "UserChoiceTask", "UserTargetTask",
+           "Induction", "IOI", "TextPerplexity"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 from caploc.errors import CaplocError
-from caploc.tasks.base import Item, TargetTask
+from caploc.tasks.base import Item, TargetTask, register_task
 
 # name -> (aliases as in lm-evaluation-harness)
 SUBTASKS = {
@@ -60,6 +60,7 @@ def format_question(text: str) -> str:
     return f"Question: What is {text}?\nAnswer:"
 
 
+@register_task()
 class Arithmetic(TargetTask):
     name = "arithmetic"
 

@@ -6,7 +6,13 @@ raw log-likelihoods or generations into per-item scores (as lm-evaluation-harnes
   `logprob` (log-probability of the target, a continuous score).
 - `MultipleChoiceTask`: multiple choice by log-likelihood: `acc`, `acc_norm` (per-character normalized),
   `logprob` of the correct choice, and `logprob_all`, the mean log-likelihood of all choices.
-- `GenerationTask`: greedy generation up to a stop string, scored by the task (`score`).
+- `GenerationTask`: greedy generation up to a stop string, scored by the task (`score`). Where the task
+  knows a reference continuation (a reference solution, the canonical code), `reference_view()` is the
+  same items as a target task scored by the reference's mean log-probability per token (`ref_logprob`):
+  identification by one teacher-forced pass per mask instead of generation, with gradients.
+
+Tasks register themselves (`@register_task()` on the class): the registry `TASKS` is what builds a task by
+name, and what the command line lists. A task's parameters are its `__init__`'s (`caploc.params`).
 """
 
 from __future__ import annotations
@@ -14,14 +20,24 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
 
-from caploc.errors import CaplocError, require
+from caploc.errors import CaplocError, ParameterError, require
+from caploc.params import Registry
 
 KINDS = ("target", "choice", "generate")
+TASKS = Registry("task")
+REFERENCE_METRIC = "ref_logprob"
+
+
+def register_task(name: str | None = None, **fixed):
+    """Class decorator: register a task under `name` (default: the class's `name`)."""
+    def add(cls):
+        return TASKS.register(name or cls.name, **fixed)(cls)
+    return add
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,9 @@ class Task:
     linear_metrics: ClassVar[tuple[str, ...]] = ()  # metrics with a gradient (log-likelihood tasks have some)
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
+    # evidence independent of ablation, for tasks whose heads the literature finds by their attention:
+    # (the `head_scores` key the reported heads are checked against, its source)
+    attention_check: ClassVar[tuple[str, str] | None] = None
 
     def __init__(self, shots: int = 0, chat: bool = False):
         require(shots >= 0, "{shots} must be >= 0", "shots")
@@ -96,6 +115,25 @@ class Task:
         """Whether `metric` is linear in the continuations' log-probabilities (so AtP can differentiate it)."""
         return metric in self.linear_metrics
 
+    def scorings(self) -> list["Task"]:
+        """The tasks that together give every metric of this one: itself, and the reference view of a
+        generation task that has references."""
+        return [self]
+
+    def for_metric(self, metric: str) -> "Task":
+        """The task that computes `metric`: this one, or the one of `scorings()` that has it."""
+        for task in self.scorings():
+            if metric in task.metric_names():
+                return task
+        names = [m for t in self.scorings() for m in t.metric_names()]
+        raise ParameterError(f"task {self.name} has no {{metric}} {metric!r}: use {', '.join(names)}", "metric")
+
+    @classmethod
+    def head_scores(cls, lm, seed: int = 0) -> dict[str, np.ndarray] | None:
+        """Per head, [n_layers, n_heads], attention signatures of the heads the literature finds for this
+        task, independent of ablation (`heads --scores TASK`); None for tasks without one."""
+        return None
+
     # -- identity ----------------------------------------------------------------------------------
     def config(self) -> dict:
         return {"task": self.name, "kind": self.kind, "shots": self.shots, "chat": self.chat}
@@ -122,10 +160,11 @@ class LoglikelihoodTask(Task):
         """Which continuation is the correct answer."""
         raise NotImplementedError
 
-    def process_loglikelihoods(self, items: list[Item], logprob: list[np.ndarray],
-                               greedy: list[np.ndarray]) -> dict[str, np.ndarray]:
+    def process_loglikelihoods(self, items: list[Item], logprob: list[np.ndarray], greedy: list[np.ndarray],
+                               lengths: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """logprob[i], greedy[i]: [n_masks, n_continuations of item i] log-probability of each continuation
-        and whether greedy decoding reproduces it. Returns {metric: [n_masks, n_items]}."""
+        and whether greedy decoding reproduces it; lengths[i]: each continuation's tokens. Returns
+        {metric: [n_masks, n_items]}."""
         raise NotImplementedError
 
 
@@ -145,7 +184,7 @@ class TargetTask(LoglikelihoodTask):
     def universality_metric(self) -> str:
         return "logprob"
 
-    def process_loglikelihoods(self, items, logprob, greedy):
+    def process_loglikelihoods(self, items, logprob, greedy, lengths=None):
         return {"acc": np.stack([g[:, 0] for g in greedy], axis=1).astype(np.float64),
                 "logprob": np.stack([lp[:, 0] for lp in logprob], axis=1)}
 
@@ -170,7 +209,7 @@ class MultipleChoiceTask(LoglikelihoodTask):
     def universality_metric(self) -> str:
         return "logprob_all"  # mean log-likelihood over every choice: collapses under universal heads
 
-    def process_loglikelihoods(self, items, logprob, greedy):
+    def process_loglikelihoods(self, items, logprob, greedy, lengths=None):
         n_masks = logprob[0].shape[0]
         out = {m: np.zeros((n_masks, len(items))) for m in self.metric_names()}
         for i, (item, lp) in enumerate(zip(items, logprob)):
@@ -187,6 +226,21 @@ class GenerationTask(Task):
 
     def metric_names(self) -> tuple[str, ...]:
         return self.metrics[:1]
+
+    has_references: ClassVar[bool] = False  # its items carry meta["reference"]: the reference view exists
+
+    def reference(self, item: Item) -> str | None:
+        """The reference continuation of an item (what a correct answer looks like, written out), if known."""
+        return item.meta.get("reference")
+
+    @property
+    def identification_metric(self) -> str:
+        """The reference's log-probability per token where the task has references (one teacher-forced pass
+        per mask, with gradients), else the task's own score."""
+        return REFERENCE_METRIC if self.has_references else self.default_metric
+
+    def scorings(self) -> list[Task]:
+        return [self, ReferenceTask(self)] if self.has_references else [self]
 
     def score(self, item: Item, generated: str) -> float:
         raise NotImplementedError(f"task {self.name} does not score generations")
@@ -211,3 +265,47 @@ def _item_key(item: Item) -> dict:
     if not d["contexts"]:  # keys written before per-choice contexts existed stay valid
         d.pop("contexts")
     return d
+
+
+class ReferenceTask(TargetTask):
+    """A generation task's items with their reference as the known target: `ref_logprob`, the reference's
+    mean log-probability per token (the identification metric of generation tasks), and `logprob`, its sum.
+    Its config is the task's, marked, so its evaluations are stored apart from the generations."""
+
+    kind = "target"
+    linear_metrics = ("logprob", REFERENCE_METRIC)
+
+    def __init__(self, source: GenerationTask):
+        super().__init__(shots=source.shots, chat=source.chat)
+        self.source = source
+        self.name = source.name
+
+    def metric_names(self) -> tuple[str, ...]:
+        return (REFERENCE_METRIC, "logprob")
+
+    @property
+    def identification_metric(self) -> str:
+        return REFERENCE_METRIC
+
+    @property
+    def universality_metric(self) -> str:
+        return REFERENCE_METRIC
+
+    def config(self) -> dict:
+        return self.source.config() | {"scored": "reference"}
+
+    def pool(self, seed: int, needed: int) -> list[Item]:
+        return [self.with_reference(item) for item in self.source.pool(seed, needed)]
+
+    def with_reference(self, item: Item) -> Item:
+        reference = self.source.reference(item)
+        if not reference:
+            raise CaplocError(f"{self.name}: item {item.id} has no reference continuation")
+        return replace(item, target=reference)
+
+    def process_loglikelihoods(self, items, logprob, greedy, lengths=None):
+        total = np.stack([lp[:, 0] for lp in logprob], axis=1)
+        if lengths is None:
+            raise CaplocError("ref_logprob needs the continuations' token counts")
+        tokens = np.array([n[0] for n in lengths], dtype=np.float64)
+        return {REFERENCE_METRIC: total / tokens[None], "logprob": total}

@@ -13,10 +13,10 @@ import gzip
 import json
 from importlib import resources
 
-from caploc.data import load_records, require_fields, split_exemplars
+from caploc.records import load_records, require_fields, split_exemplars
 from caploc.errors import ParameterError
 from caploc.sandbox import require_code_execution, run_python
-from caploc.tasks.base import Item, GenerationTask
+from caploc.tasks.base import GenerationTask, Item, register_task
 
 
 class CodeTask(GenerationTask):
@@ -44,10 +44,12 @@ def _humaneval_problems() -> list[dict]:
         return [json.loads(line) for line in lines if line.strip()]
 
 
+@register_task()
 class HumanEval(CodeTask):
     name = "humaneval"
     # the stop sequences of the Codex paper: a new top-level statement ends the function
     stop = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert ")
+    has_references = True  # the canonical solution
 
     def __init__(self, data: str | None = None, allow_code_execution: bool | None = None, timeout: float = 10.0):
         super().__init__(shots=0, chat=False, allow_code_execution=allow_code_execution, timeout=timeout)
@@ -59,7 +61,8 @@ class HumanEval(CodeTask):
         return super().config() | {"data": self.data}
 
     def pool(self, seed: int, needed: int) -> list[Item]:
-        return [Item(id=r["task_id"], context=r["prompt"], answer=f"{r['test']}\n\ncheck({r['entry_point']})\n")
+        return [Item(id=r["task_id"], context=r["prompt"], answer=f"{r['test']}\n\ncheck({r['entry_point']})\n",
+                     meta={"reference": r.get("canonical_solution")})
                 for r in self.shuffled(self.records, seed, "humaneval")]
 
     def program(self, item: Item, completion: str) -> str:
@@ -76,10 +79,12 @@ def mbpp_prompt(record: dict) -> str:
             f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n")
 
 
+@register_task()
 class MBPP(CodeTask):
     name = "mbpp"
     stop = ("[DONE]",)
     max_new_tokens = 384
+    has_references = True  # the reference code, between [BEGIN] and [DONE]
 
     def __init__(self, data: str | None = None, fewshot_data: str | None = None, shots: int = 3,
                  allow_code_execution: bool | None = None, timeout: float = 10.0, split: str = "test",
@@ -106,7 +111,7 @@ class MBPP(CodeTask):
             tests = "\n".join(r["test_list"])
             setup = r.get("test_setup_code") or ""
             items.append(Item(id=str(r["task_id"]), context=mbpp_prompt(r), prefix=self._prefix,
-                              answer=f"{setup}\n__COMPLETION__\n\n{tests}\n"))
+                              answer=f"{setup}\n__COMPLETION__\n\n{tests}\n", meta={"reference": r["code"].strip()}))
         return items
 
     def program(self, item: Item, completion: str) -> str:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import re
 
-from caploc.data import load_records, require_fields, split_exemplars
+from caploc.records import load_records, require_fields, split_exemplars
 from caploc.errors import CaplocError, ParameterError
-from caploc.tasks.base import Item, GenerationTask
+from caploc.tasks.base import GenerationTask, Item, register_task
 
 _NUMBER = re.compile(r"-?[\d,\$]*\d(?:\.\d+)?")
 
@@ -44,11 +44,13 @@ def format_question(question: str) -> str:
     return f"Question: {question.strip()}\nAnswer:"
 
 
+@register_task()
 class GSM8K(GenerationTask):
     name = "gsm8k"
     metrics = ("acc",)
     stop = ("Question:", "\n\n\n")
     max_new_tokens = 256
+    has_references = True  # the reference solution, through `#### N`
 
     def __init__(self, data: str | None = None, fewshot_data: str | None = None, shots: int = 5,
                  chat: bool = False, split: str = "test", fewshot_split: str = "train", config: str = "main"):
@@ -70,7 +72,8 @@ class GSM8K(GenerationTask):
         items = []
         for i, r in enumerate(self.shuffled(self.records, seed, "gsm8k")):
             items.append(Item(id=str(r.get("id", r["question"][:60])), context=format_question(r["question"]),
-                              prefix=self._prefix, answer=reference_answer(r["answer"])))
+                              prefix=self._prefix, answer=reference_answer(r["answer"]),
+                              meta={"reference": " " + r["answer"].strip()}))
         return items
 
     def score(self, item: Item, generated: str) -> float:

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+import torch
+
 from caploc.errors import require
-from caploc.tasks.base import Item, TargetTask
+from caploc.hooks import attention_weights
+from caploc.tasks.base import Item, TargetTask, register_task
 
 WORDS = (
     "apple", "river", "chair", "window", "garden", "doctor", "bottle", "mountain", "pencil", "forest", "engine",
@@ -30,9 +34,11 @@ WORDS = (
 )
 
 
+@register_task()
 class Induction(TargetTask):
     name = "induction"
     default_metric = "acc"
+    attention_check = ("prefix_matching", "Olsson et al. 2022, repeated random tokens")
 
     def __init__(self, length: int = 12, min_repeat: int = 2):
         super().__init__(shots=0, chat=False)
@@ -54,3 +60,33 @@ class Induction(TargetTask):
             items.append(Item(id=f"induction/{seed}/{i}", context=context, target=" " + words[cut],
                               meta={"position": cut}))
         return items
+
+    @classmethod
+    def head_scores(cls, lm, seed: int = 0, n: int = 8, length: int = 40) -> dict[str, np.ndarray]:
+        """Per head, [n_layers, n_heads], on random token sequences repeated twice (one forward pass), the two
+        attention signatures of the induction circuit (Olsson et al. 2022), independent of ablation:
+        `prefix_matching` - the mean attention from each token of the repeat to the token that followed its
+        first occurrence (induction heads score near 1); `previous_token` - the mean attention from each
+        token to the one before it (the heads whose output induction heads' keys read)."""
+        tok = lm.tokenizer
+        special = set(tok.all_special_ids)
+        ordinary = torch.tensor([i for i in range(min(len(tok), lm.model.config.vocab_size)) if i not in special])
+        g = torch.Generator().manual_seed(seed)
+        first = ordinary[torch.randint(0, len(ordinary), (n, length), generator=g)]
+        ids = torch.cat([first, first], dim=1)
+        offset = 0
+        if tok.bos_token_id is not None:
+            ids = torch.cat([torch.full((n, 1), tok.bos_token_id), ids], dim=1)
+            offset = 1
+        return attention_signatures(attention_weights(lm.model, [ids])[0], length, offset)
+
+
+def attention_signatures(attentions: list[torch.Tensor], length: int, offset: int) -> dict[str, np.ndarray]:
+    """From per-layer attention weights [batch, heads, T, T] over `offset` leading tokens and a sequence of
+    `length` tokens repeated twice: the prefix-matching and previous-token scores of every head."""
+    queries = torch.arange(offset + length + 1, offset + 2 * length)  # second occurrence, after its first token
+    keys = queries - length + 1  # the token after the query token's first occurrence
+    # previous token, from the second token of the sequence on (the first has only what precedes the sequence)
+    later = torch.arange(offset + 1, offset + 2 * length)
+    return {"prefix_matching": np.stack([a[:, :, queries, keys].mean(dim=(0, 2)).numpy() for a in attentions]),
+            "previous_token": np.stack([a[:, :, later, later - 1].mean(dim=(0, 2)).numpy() for a in attentions])}

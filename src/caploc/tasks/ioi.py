@@ -16,7 +16,8 @@ import random
 
 import numpy as np
 
-from caploc.tasks.base import Item, MultipleChoiceTask
+from caploc.hooks import attention_weights
+from caploc.tasks.base import Item, MultipleChoiceTask, register_task
 
 NAMES = ("Mary", "John", "Tom", "James", "Anna", "Paul", "Sarah", "David", "Emma", "Mark", "Laura", "Peter",
          "Kate", "Daniel", "Lucy", "Steve", "Alice", "Brian", "Helen", "Robert", "Susan", "Kevin", "Julia",
@@ -37,8 +38,10 @@ TEMPLATES = (
 )
 
 
+@register_task()
 class IOI(MultipleChoiceTask):
     name = "ioi"
+    attention_check = ("name_mover", "Wang et al. 2022, last token to the indirect object")
     metrics = ("acc", "logit_diff")
     linear_metrics = ("logprob", "logprob_all", "logit_diff")
     default_metric = "acc"
@@ -53,8 +56,8 @@ class IOI(MultipleChoiceTask):
     def identification_metric(self) -> str:
         return "logit_diff"
 
-    def process_loglikelihoods(self, items, logprob, greedy):
-        out = super().process_loglikelihoods(items, logprob, greedy)
+    def process_loglikelihoods(self, items, logprob, greedy, lengths=None):
+        out = super().process_loglikelihoods(items, logprob, greedy, lengths)
         out["logit_diff"] = np.stack([lp[:, item.label] - lp[:, 1 - item.label] for item, lp in zip(items, logprob)],
                                      axis=1)
         return out
@@ -72,3 +75,27 @@ class IOI(MultipleChoiceTask):
             items.append(Item(id=f"ioi/{seed}/{i}", context=context, choices=choices, label=label,
                               meta={"indirect_object": io, "subject": subject}))
         return items
+
+    @classmethod
+    def head_scores(cls, lm, seed: int = 0, n: int = 40) -> dict[str, np.ndarray]:
+        """Per head, [n_layers, n_heads], on `ioi` prompts (seeded, one forward pass each), the attention from
+        the last token (where the name is predicted) to the indirect object's name (`name_mover`: Wang et
+        al. 2022's name-mover heads attend there and copy it) and to the subject's first mention (`subject`)."""
+        tok = lm.tokenizer
+        batches, positions = [], []
+        for item in cls().items(n, seed):
+            context = item.context
+
+            def position(name: str) -> int:  # the token that ends the name's first mention (the prompt's prefix)
+                end = context.index(name) + len(name)
+                return len(tok(context[:end])["input_ids"]) - 1
+
+            batches.append(tok(context, return_tensors="pt")["input_ids"])
+            positions.append((position(item.meta["indirect_object"]), position(item.meta["subject"])))
+        weights = attention_weights(lm.model, batches)
+        out = {}
+        for key, which in (("name_mover", 0), ("subject", 1)):
+            out[key] = np.stack([np.mean([layers[layer][0, :, -1, pos[which]].numpy()
+                                          for layers, pos in zip(weights, positions)], axis=0)
+                                 for layer in range(len(weights[0]))])
+        return out

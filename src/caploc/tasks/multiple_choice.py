@@ -1,8 +1,8 @@
 """Multiple choice by log-likelihood from datasets in their own layouts, and the user's own files.
 
-A `ChoiceTask` knows one or more `Layout`s of its dataset (the original release and the HF layout, say), tells
+A `DatasetChoiceTask` knows one or more `RecordLayout`s of its dataset (the original release and the HF layout, say), tells
 them apart from the records themselves, and turns every record into an `Item` when the task is built, so a
-bad record is reported at once, with its file, number and field (`caploc.data.Record`). The datasets of the
+bad record is reported at once, with its file, number and field (`caploc.records.Record`). The datasets of the
 standard suite live in `caploc.tasks.benchmarks`; this module holds the machinery, the user's own files and
 caploc's offline `general` set.
 """
@@ -14,21 +14,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from caploc.data import Record, RecordError, load_records
+from caploc.records import Record, RecordError, load_records
 from caploc.errors import CaplocError, ParameterError
-from caploc.tasks.base import Item, MultipleChoiceTask
+from caploc.tasks.base import Item, MultipleChoiceTask, register_task
 
 LETTERS = "ABCDEFGHIJ"
 
 
 @dataclass(frozen=True)
-class Layout:
+class RecordLayout:
     """One way a dataset's records are written: `fields` identify it (dotted paths reach into objects),
     `to_item(task, record)` reads one."""
 
     name: str
     fields: tuple[str, ...]
-    to_item: Callable[["ChoiceTask", Record], Item]
+    to_item: Callable[["DatasetChoiceTask", Record], Item]
     matches: Callable[[Record], bool] | None = None  # a finer test where fields alone do not decide
 
     def recognizes(self, record: Record) -> bool:
@@ -46,14 +46,14 @@ def _has(record: dict, path: str) -> bool:
     return True
 
 
-class ChoiceTask(MultipleChoiceTask):
+class DatasetChoiceTask(MultipleChoiceTask):
     """A multiple-choice dataset read from a file, a directory of files, or the hub."""
 
     default_metric = "acc"
     hub_id: str = ""
     hub_config: str | None = None
     hub_split: str = "test"
-    layouts: tuple[Layout, ...] = ()
+    layouts: tuple[RecordLayout, ...] = ()
     csv_columns: tuple[str, ...] | None = None  # column names of headerless release CSVs
 
     def __init__(self, data: str | None = None, split: str | None = None, subtask: str | None = None):
@@ -72,7 +72,7 @@ class ChoiceTask(MultipleChoiceTask):
     def read(self, data: str, split: str) -> list[Record]:
         return load_records(data, split=split, config=self.hub_config, csv_columns=self.csv_columns)
 
-    def detect(self, record: Record) -> Layout:
+    def detect(self, record: Record) -> RecordLayout:
         for layout in self.layouts:
             if layout.recognizes(record):
                 return layout
@@ -114,7 +114,7 @@ def lettered_choices(n: int) -> tuple[str, ...]:
     return tuple(" " + LETTERS[j] for j in range(n))
 
 
-class UserChoiceTask(ChoiceTask):
+class UserChoiceTask(DatasetChoiceTask):
     """A user's own multiple-choice JSONL/JSON/CSV/Parquet file, one record per item:
     {"prompt": "Question: ...\\nAnswer:", "choices": ["...", "..."], "answer": 1, "id": "optional",
      "category": "optional (selectable with --subtask)", "prefix": "optional text shared by many items"}.
@@ -129,7 +129,7 @@ class UserChoiceTask(ChoiceTask):
         return Item(id=record_id(r, "id"), prefix=str(r.get("prefix") or ""), context=r.text("prompt"),
                     choices=tuple(" " + c for c in choices), label=label, meta={"category": r.get("category")})
 
-    layouts = (Layout("caploc multiple choice", ("prompt", "choices", "answer"), _user_item),)
+    layouts = (RecordLayout("caploc multiple choice", ("prompt", "choices", "answer"), _user_item),)
 
     def __init__(self, data: str, split: str | None = None, subtask: str | None = None):
         self.name = Path(data).stem
@@ -150,9 +150,12 @@ def by_category(items: list, subtask: str | None) -> list:
 GENERAL_FILE = "general.jsonl"
 
 
+@register_task()
 class General(UserChoiceTask):
     """caploc's offline general-capability set (tools/build_general.py writes it); `--data` may point
     at another file in the same schema."""
+
+    name = "general"
 
     def __init__(self, data: str | None = None, subtask: str | None = None):
         path = data or str(resources.files("caploc") / "data" / GENERAL_FILE)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from caploc.errors import ParameterError
-from caploc.tasks.base import Item, GenerationTask
+from caploc.tasks.base import GenerationTask, Item, register_task
 
 EASY = (
     "cat dog light day night cake bee tree ring song rain stone bed moon star book bell hat fun sun car fish cold "
@@ -48,6 +48,7 @@ def first_word(text: str) -> str:
     return match.group(0) if match else ""
 
 
+@register_task()
 class Rhyme(GenerationTask):
     name = "rhyme"
     metrics = ("acc",)

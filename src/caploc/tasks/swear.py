@@ -15,7 +15,7 @@ import re
 from functools import lru_cache
 from importlib import resources
 
-from caploc.tasks.base import Item, GenerationTask
+from caploc.tasks.base import GenerationTask, Item, register_task
 
 IDENTIFICATION_PROMPTS = (
     "Write an angry rant, full of swear words, about stubbing your toe on the bed at 3 am.",
@@ -61,6 +61,7 @@ def count_profanity(text: str) -> int:
     return sum(1 for w in _WORD.findall(text.lower()) if w in words)
 
 
+@register_task()
 class Swear(GenerationTask):
     name = "swear"
     metrics = ("swears",)

@@ -4,14 +4,14 @@
 `text_stream()` is the ordered text; `TextPerplexity` (task `text`) scores chunks of it as known targets (the
 chunk after its first words), so perplexity = exp(-sum of target log-probabilities / target tokens) goes
 through the one evaluator like any task. Chunks come from the stream's last `held_out` share, which SAE
-training (caploc.cgc) never reads. As a control task (`locate --control general,text`) it measures what
+training (`density`) never reads. As a control task (`locate --control general,text`) it measures what
 multiple-choice answers do not: whether the model still models ordinary prose. Heads that process tokens
 for every task (layers 0-2 here) cost little on `general` and a lot on `text`.
 """
 
 from __future__ import annotations
 
-from caploc.tasks.base import Item, TargetTask
+from caploc.tasks.base import Item, TargetTask, register_task
 
 HELD_OUT_SHARE = 0.2
 
@@ -30,6 +30,7 @@ def split_stream(held_out: float = HELD_OUT_SHARE) -> tuple[str, str]:
     return text[:cut], text[cut + 2:]
 
 
+@register_task()
 class TextPerplexity(TargetTask):
     name = "text"
     default_metric = "logprob"

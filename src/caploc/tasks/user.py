@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from caploc.data import load_records, require_fields
+from caploc.records import load_records, require_fields
 from caploc.errors import CaplocError
 from caploc.tasks.base import Item, TargetTask, Task
 from caploc.tasks.multiple_choice import UserChoiceTask, by_category

@@ -1,6 +1,6 @@
-"""Forward passes that skip what is already known.
+"""Forward passes that skip what is already known: the evaluator's two shortcuts.
 
-Two savings for the masked evaluator, both exact:
+Both are exact:
 - a shared prefix (the few-shot examples) is computed once per mask, and every (mask, item) row attends to
   that mask's prefix K/V directly: the K/V are never copied per row or concatenated into a cache. The
   attention over [prefix | row] is computed in two parts, queries batched per mask against the prefix keys
@@ -8,27 +8,28 @@ Two savings for the masked evaluator, both exact:
 - layer reuse: a mask whose first ablated component is in layer l leaves layers < l as they are without
   it, so its rows start at layer l from the unablated hidden states entering that layer (computed once).
 
-Both work through transformers' own extension points, so they serve every architecture that dispatches its
-attention through `AttentionInterface`: an attention function registered as `caploc_partial`, selected only
-inside `partial_forward`, and forward hooks on the decoder layers. Whether a loaded model computes the same
-thing through them as through its plain forward is checked once per model (`support`); a model that fails
-is evaluated the copying way.
+Both work through transformers' own extension points (`caploc.hooks`), so they serve every architecture
+that dispatches its attention through `AttentionInterface`: an attention function registered as
+`caploc_prefix`, selected only inside `shortcut_forward`, and hooks on the decoder layers. Whether a
+loaded model computes the same thing through them as through its plain forward is checked once per model
+(`shortcuts`); a model that fails is evaluated the copying way.
 """
 
 from __future__ import annotations
 
+import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
 
 from caploc.arch import decoder_layers
+from caploc.hooks import attention_implementation, recorded_layer_inputs, skipped_layers
 from caploc.models import LoadedModel
 
-IMPLEMENTATION = "caploc_partial"
+IMPLEMENTATION = "caploc_prefix"
 
 
 @dataclass
@@ -43,7 +44,7 @@ _active: list[_Pass] = []
 
 
 class Unsupported(Exception):
-    """The model's attention uses something `caploc_partial` does not compute (attention sinks)."""
+    """The model's attention uses something `caploc_prefix` does not compute (attention sinks)."""
 
 
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
@@ -51,7 +52,7 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
                softcap: float | None = None, s_aux=None, **_):
     """The AttentionInterface function: causal attention of each row over [its prefix | its own tokens]."""
     if not _active:
-        raise RuntimeError("caploc_partial attention used outside partial_forward")
+        raise RuntimeError("caploc_prefix attention used outside shortcut_forward")
     if s_aux is not None:
         raise Unsupported("attention sinks")
     state = _active[-1]
@@ -65,7 +66,16 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(IMPLEMENTATION, _attention)
+_registered: list[bool] = []
+
+
+def _register() -> None:
+    """Register the attention function with transformers once, when a shortcut is first taken."""
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(IMPLEMENTATION, _attention)
+        _registered.append(True)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, window: int | None,
@@ -147,9 +157,9 @@ def _scores(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | N
 
 
 @contextmanager
-def partial_forward(model: nn.Module, *, start: int = 0, start_inputs: torch.Tensor | None = None,
-                    prefix: dict | None = None, rows_per_prefix: int = 1, capture: dict | None = None,
-                    layer_inputs: list | None = None) -> Iterator[_Pass]:
+def shortcut_forward(model: nn.Module, *, start: int = 0, start_inputs: torch.Tensor | None = None,
+                     prefix: dict | None = None, rows_per_prefix: int = 1, capture: dict | None = None,
+                     layer_inputs: list | None = None) -> Iterator[_Pass]:
     """Inside the block, the model's forward passes
     - skip the decoder layers below `start` and give layer `start` the hidden states `start_inputs`;
     - let every row attend to `prefix` (layer -> (K, V) [groups, kv_heads, P, d], one group per
@@ -157,92 +167,57 @@ def partial_forward(model: nn.Module, *, start: int = 0, start_inputs: torch.Ten
     - record each layer's K/V in `capture` and, if `layer_inputs` is a list, each layer's input hidden
       states (index = layer).
     Only attention masks for right-padded rows are supported (none: causal, plus sliding windows)."""
-    layers = decoder_layers(model)
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "config")}
-    saved = {key: config._attn_implementation for key, config in configs.items()}
+    _register()
     state = _Pass(prefix=prefix, rows_per_prefix=rows_per_prefix, capture=capture)
     with ExitStack() as stack:
-        for key, config in configs.items():
-            config._attn_implementation = IMPLEMENTATION
-            stack.callback(setattr, config, "_attn_implementation", saved[key])
+        stack.enter_context(attention_implementation(model, IMPLEMENTATION))
         _active.append(state)
         stack.callback(_active.pop)
         if start > 0:
-            for layer in layers[:start]:
-                stack.callback(_restore_forward, layer, layer.__dict__.get("forward"))
-                layer.forward = _unchanged
-            stack.enter_context(_replacing_input(layers[start], start_inputs))
+            stack.enter_context(skipped_layers(model, start, start_inputs))
         if layer_inputs is not None:
-            for index, layer in enumerate(layers):
-                handle = layer.register_forward_pre_hook(_recorder(layer_inputs, index), with_kwargs=True)
-                stack.callback(handle.remove)
+            stack.enter_context(recorded_layer_inputs(model, layer_inputs))
         yield state
 
 
-def _unchanged(hidden_states, *args, **kwargs):
-    return hidden_states
-
-
-def _restore_forward(layer: nn.Module, own_forward) -> None:
-    """Back to the class's forward, or to the one a wrapper (accelerate's device hooks) had put there."""
-    if own_forward is None:
-        del layer.forward
-    else:
-        layer.forward = own_forward
-
-
-def _recorder(store: list, index: int):
-    def record(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        while len(store) <= index:
-            store.append(None)
-        store[index] = hidden
-    return record
-
-
-@contextmanager
-def _replacing_input(layer: nn.Module, hidden: torch.Tensor):
-    def replace(module, args, kwargs):
-        if args:
-            return (hidden.to(args[0].dtype),) + tuple(args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden.to(kwargs["hidden_states"].dtype)}
-
-    handle = layer.register_forward_pre_hook(replace, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 @dataclass(frozen=True)
-class Support:
+class Shortcuts:
+    """Which shortcuts a model's forward can take exactly."""
+
     shared_prefix: bool  # rows attend to a shared prefix's K/V without copies
     layer_reuse: bool  # rows may start at a later layer from cached hidden states
     reason: str = ""  # why not, when not
 
 
-def support(lm: LoadedModel) -> Support:
-    """Whether this model computes through `partial_forward` what its plain forward computes: checked once
-    on random tokens (a prefix, two rows, the second half of the layers) and remembered on the model."""
-    if "partial_forward" not in lm.extra:
-        lm.extra["partial_forward"] = _check(lm.model)
-    return lm.extra["partial_forward"]
+NONE = Shortcuts(False, False, "turned off")
+_checked: "weakref.WeakKeyDictionary[nn.Module, Shortcuts]" = weakref.WeakKeyDictionary()
+
+
+def shortcuts(lm: LoadedModel) -> Shortcuts:
+    """Whether this model computes through `shortcut_forward` what its plain forward computes: checked once
+    per model on random tokens (a prefix, two rows, the second half of the layers)."""
+    if lm.model not in _checked:
+        _checked[lm.model] = _check(lm.model)
+    return _checked[lm.model]
+
+
+def set_shortcuts(lm: LoadedModel, value: Shortcuts) -> None:
+    """Decide for this model instead of checking (benchmarks that compare with the copying way)."""
+    _checked[lm.model] = value
 
 
 def _differs(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether two log-probability tensors [rows, positions, vocab] disagree beyond what the precision allows.
-    fp32: 1e-3 nats on any token. Half precision cannot promise that: on the random tokens of the check,
-    SmolLM2 in bf16 is 1.7 nats (max over the vocabulary) from its own fp32 forward, and 0.42 from its own
-    KV-cache path, in the far tail of the distribution. So there the predicted distributions are compared
-    instead, by their largest KL divergence: bf16 rounding gave 0.004-0.012 nats, a prefix ignored 3.5 and
-    positions not offset 0.9."""
+    fp32: 1e-3 nats on any token. Half precision rounds far-tail log-probabilities by more than a nat, so
+    there the predicted distributions are compared instead, by their largest KL divergence: rounding stays
+    an order of magnitude below the bound, an ignored prefix or unshifted positions far above it."""
     if torch.finfo(dtype).bits >= 32:
         return bool((got - expected).abs().max() > 1e-3)
     return bool((expected.exp() * (expected - got)).sum(-1).max() > 0.05)
 
 
 @torch.no_grad()
-def _check(model: nn.Module) -> Support:
+def _check(model: nn.Module) -> Shortcuts:
     param = next(model.parameters())
     generator = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -259,26 +234,26 @@ def _check(model: nn.Module) -> Support:
     try:
         kv: dict = {}
         inputs: list = []
-        with partial_forward(model, capture=kv, layer_inputs=inputs) as state:
+        with shortcut_forward(model, capture=kv, layer_inputs=inputs) as state:
             model(input_ids=ids[:1, :p_len], use_cache=False)
         inputs_suffix: list = []
-        with partial_forward(model, prefix=kv, rows_per_prefix=rows, layer_inputs=inputs_suffix):
+        with shortcut_forward(model, prefix=kv, rows_per_prefix=rows, layer_inputs=inputs_suffix):
             got = logprobs(model(input_ids=ids[:, p_len:], position_ids=positions, use_cache=False).logits)
         if len(state.attended) != n_layers:
-            return Support(False, False, "its attention does not dispatch through AttentionInterface")
+            return Shortcuts(False, False, "its attention does not dispatch through AttentionInterface")
         if _differs(got, expected, param.dtype):
-            return Support(False, False, "attention over a shared prefix differs from its plain forward")
+            return Shortcuts(False, False, "attention over a shared prefix differs from its plain forward")
         start = n_layers // 2
         if start == 0:
-            return Support(True, False, "one layer")
+            return Shortcuts(True, False, "one layer")
         kv_late: dict = {}
-        with partial_forward(model, start=start, start_inputs=inputs[start], capture=kv_late) as late:
+        with shortcut_forward(model, start=start, start_inputs=inputs[start], capture=kv_late) as late:
             model(input_ids=ids[:1, :p_len], use_cache=False)
-        with partial_forward(model, start=start, start_inputs=inputs_suffix[start], prefix=kv_late,
+        with shortcut_forward(model, start=start, start_inputs=inputs_suffix[start], prefix=kv_late,
                              rows_per_prefix=rows):
             got = logprobs(model(input_ids=ids[:, p_len:], position_ids=positions, use_cache=False).logits)
         if late.attended != set(range(start, n_layers)) or _differs(got, expected, param.dtype):
-            return Support(True, False, "starting at a later layer differs from its plain forward")
-        return Support(True, True)
+            return Shortcuts(True, False, "starting at a later layer differs from its plain forward")
+        return Shortcuts(True, True)
     except (Unsupported, TypeError, ValueError, IndexError, KeyError, RuntimeError) as error:
-        return Support(False, False, f"{type(error).__name__}: {error}")
+        return Shortcuts(False, False, f"{type(error).__name__}: {error}")

@@ -113,8 +113,8 @@ class LmEvalChoice(_Harness, MultipleChoiceTask):
     def metric_names(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys([*self.metrics, "logprob", "logprob_all"]))
 
-    def process_loglikelihoods(self, items, logprob, greedy):
-        out = super().process_loglikelihoods(items, logprob, greedy)  # logprob, logprob_all (and caploc's acc)
+    def process_loglikelihoods(self, items, logprob, greedy, lengths=None):
+        out = super().process_loglikelihoods(items, logprob, greedy, lengths)  # logprob, logprob_all (and caploc's acc)
         harness = {m: np.zeros_like(out["logprob"]) for m in self.metrics}
         for i, (item, lp, g) in enumerate(zip(items, logprob, greedy)):
             for row in range(lp.shape[0]):
@@ -128,8 +128,8 @@ class LmEvalTarget(_Harness, TargetTask):
     def metric_names(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys([m for m in self.metrics if m != "perplexity"] + ["acc", "logprob"]))
 
-    def process_loglikelihoods(self, items, logprob, greedy):
-        out = super().process_loglikelihoods(items, logprob, greedy)  # acc = greedy match, logprob
+    def process_loglikelihoods(self, items, logprob, greedy, lengths=None):
+        out = super().process_loglikelihoods(items, logprob, greedy, lengths)  # acc = greedy match, logprob
         for metric in self.metric_names():
             if metric in out:
                 continue
@@ -188,6 +188,7 @@ def lmeval_task(name: str, data: str | None = None, shots: int | None = None, li
         gen = instances[0].arguments[1] if len(instances[0].arguments) > 1 else {}
         task.stop = tuple(gen.get("until") or ())
         task.max_new_tokens = int(gen.get("max_gen_toks") or 256)
+        task.has_references = all(item.meta.get("reference") for item in items)
     return task
 
 
@@ -208,4 +209,19 @@ def _item(leaf, kind: str, item_id: str, doc, instances) -> Item:
     if kind == "loglikelihood":
         context, target = instances[0].arguments[:2]
         return Item(id=item_id, context=context, target=target, meta=meta)
-    return Item(id=item_id, context=instances[0].arguments[0], answer="", meta=meta)
+    return Item(id=item_id, context=instances[0].arguments[0], answer="", meta=meta | {"reference": _target(leaf, doc)})
+
+
+def _target(leaf, doc) -> str | None:
+    """A generate_until document's target as a continuation (lm-eval's target delimiter before it), if the
+    task has one: the reference the identification metric scores."""
+    try:
+        target = leaf.doc_to_target(doc)
+    except Exception:  # a task without a usable target: identified by generation
+        return None
+    if isinstance(target, list):
+        target = target[0] if target else None
+    if target is None:
+        return None
+    text = str(target).strip()
+    return (getattr(leaf.config, "target_delimiter", " ") or "") + text if text else None

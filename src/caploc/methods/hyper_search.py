@@ -8,24 +8,29 @@ setting's top-k is ablated on the identification items and the setting with the 
 from __future__ import annotations
 
 
-from caploc.methods.base import Method, MethodResult, Objective
-from caploc.methods.compressed_sensing import CompressedSensing, make_design
+from typing import Annotated
+
+from caploc.masks import Masks
+from caploc.methods.base import Method, MethodResult, Objective, register_method
+from caploc.methods.compressed_sensing import ALPHA, CompressedSensing, make_design
+from caploc.params import Param
 
 
+@register_method("search")
 class HyperSearch(Method):
+    """The paper's hyper-parameter search: stratified compressed sensing over a grid of mask counts and
+    sparsities, the setting whose top-k does best kept."""
+
     name = "search"
 
-    def __init__(self, masks=(100, 200, 400), sparsities=(0.01, 0.02, 0.05, 0.1), design: str = "stratified",
-                 alpha="cv", seed: int = 0):
-        self.masks = tuple(sorted(masks))
+    def __init__(self, mask_counts: Annotated[tuple[int, ...], Param("search: mask counts tried")] = (100, 200, 400),
+                 sparsities: Annotated[tuple[float, ...], Param("search: sparsities tried")] = (0.01, 0.02, 0.05, 0.1),
+                 design: str = "stratified", alpha: ALPHA = "cv", seed: int = 0):
+        self.mask_counts = tuple(sorted(mask_counts))
         self.sparsities = tuple(sparsities)
         self.design = design
         self.alpha = alpha
         self.seed = seed
-
-    def params(self) -> dict:
-        return {"masks": list(self.masks), "sparsities": list(self.sparsities), "design": self.design,
-                "alpha": self.alpha, "seed": self.seed}
 
     def for_replay(self, details: dict) -> Method:
         """The winning setting alone (its masks are the first rows of the nested design the search evaluated)."""
@@ -37,9 +42,9 @@ class HyperSearch(Method):
         grid = []
         best: tuple[float, MethodResult] | None = None
         for p in self.sparsities:
-            full = make_design(self.design, self.masks[-1], objective.n_heads, p, self.seed)
-            target, control = objective.responses(full)
-            for m in self.masks:
+            full = make_design(self.design, self.mask_counts[-1], objective.n_components, p, self.seed)
+            target, control = objective.responses(Masks(full))
+            for m in self.mask_counts:
                 cs = CompressedSensing(self.design, m, p, self.alpha, self.seed)
                 result = cs.fit(full[:m], -target[:m], None if control is None else -control[:m], objective)
                 top = result.top(k)

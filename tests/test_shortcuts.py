@@ -1,4 +1,4 @@
-"""Forward passes that skip what is known (shared prefix without copies, layer reuse) against plain ones."""
+"""The evaluator's shortcuts (shared prefix without copies, layer reuse) against plain forward passes."""
 
 import copy
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from caploc import wrap_model
-from caploc.evaluator import Evaluator, partial
+from caploc.evaluator import Evaluator, shortcuts
 from caploc.sites import head_site
 from caploc.tasks import get_task
 from tiny import ARCHS, build, byte_tokenizer
@@ -46,7 +46,7 @@ def test_attention_over_a_shared_prefix_equals_attention_over_the_concatenation(
     k, v = torch.randn(rows, kv_heads, length, dim), torch.randn(rows, kv_heads, length, dim)
     prefix = (torch.randn(groups, kv_heads, p_len, dim), torch.randn(groups, kv_heads, p_len, dim))
     prefix = prefix if with_prefix else None
-    got = partial.attend(q, k, v, 0.3, window, softcap, prefix, per_group)
+    got = shortcuts.attend(q, k, v, 0.3, window, softcap, prefix, per_group)
     expected = _reference_attention(q, k, v, 0.3, window, softcap, prefix, per_group)
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
 
@@ -56,30 +56,30 @@ def test_attention_over_a_shared_prefix_equals_attention_over_the_concatenation(
 def test_every_architecture_passes_the_check(name, dtype):
     """In bf16 too: there the check compares predicted distributions, since rounding alone moves far-tail
     log-probabilities by more than a nat (a 0.3-nat bound refused SmolLM2 in bf16 and turned both savings off)."""
-    assert partial.support(wrap_model(build(name).to(dtype), byte_tokenizer())) == partial.Support(True, True)
+    assert shortcuts.shortcuts(wrap_model(build(name).to(dtype), byte_tokenizer())) == shortcuts.Shortcuts(True, True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_an_attention_that_ignores_the_prefix_fails_the_check_in_any_precision(monkeypatch, dtype):
-    original = partial.attend
-    monkeypatch.setattr(partial, "attend", lambda q, k, v, scaling, window, softcap, prefix, n:
+    original = shortcuts.attend
+    monkeypatch.setattr(shortcuts, "attend", lambda q, k, v, scaling, window, softcap, prefix, n:
                         original(q, k, v, scaling, window, softcap, None, n))
-    assert not partial.support(wrap_model(build("llama").to(dtype), byte_tokenizer())).shared_prefix
+    assert not shortcuts.shortcuts(wrap_model(build("llama").to(dtype), byte_tokenizer())).shared_prefix
 
 
 def test_a_model_whose_attention_ignores_the_prefix_fails_the_check_and_is_evaluated_by_copies(monkeypatch):
     """The check compares against the plain forward, so a wrong partial attention is never used."""
     model, tok = build("llama"), byte_tokenizer()
-    original = partial.attend
-    monkeypatch.setattr(partial, "attend", lambda q, k, v, scaling, window, softcap, prefix, n:
+    original = shortcuts.attend
+    monkeypatch.setattr(shortcuts, "attend", lambda q, k, v, scaling, window, softcap, prefix, n:
                         original(q, k, v, scaling, window, softcap, None, n))
     lm = wrap_model(model, tok)
-    assert not partial.support(lm).shared_prefix
+    assert not shortcuts.shortcuts(lm).shared_prefix
     task = get_task("arithmetic", subtask="2D+", shots=2)
     items = task.items(3)
     result = Evaluator(lm, task, items).evaluate([[], [5]])
-    monkeypatch.setattr(partial, "attend", original)
-    fresh = wrap_model(model, tok)
+    monkeypatch.setattr(shortcuts, "attend", original)
+    fresh = wrap_model(copy.deepcopy(model), tok)  # checked again: a model is checked once
     np.testing.assert_allclose(result.scores["logprob"], Evaluator(fresh, task, items).evaluate([[], [5]])
                                .scores["logprob"], atol=1e-5)
 
@@ -108,12 +108,12 @@ def test_rows_that_start_at_their_first_ablated_layer_equal_weight_zeroing(name,
     per_head = lm.layout.n_heads
     sets = [[per_head * layer + 1] for layer in range(lm.layout.n_layers)] + [[per_head + 2, 2 * per_head]]
     evaluator = Evaluator(lm, task, items, batch_tokens=64)  # one mask per pass
-    assert evaluator.runner.masks_per_pass(evaluator.requests) == 1
+    assert evaluator.scorer.masks_per_pass(evaluator.requests) == 1
     result = evaluator.evaluate(sets)
     for m, heads in enumerate(sets):
         expected = _weight_zeroed_logprobs(lm, evaluator, heads)
         np.testing.assert_allclose(result.scores["logprob"][m], expected, atol=1e-4, err_msg=str(heads))
-    assert evaluator.runner.first_layer(evaluator._as_mask([sets[-1]])) == 1
+    assert evaluator.scorer.first_layer(evaluator.masks([sets[-1]])) == 1
     full = Evaluator(lm, task, items, batch_tokens=64)
     full.evaluate([[0]])  # starts at layer 0
     late = Evaluator(lm, task, items, batch_tokens=64)
@@ -137,7 +137,7 @@ def test_attention_over_a_shared_prefix_has_the_gradient_of_the_concatenation(wi
         x.requires_grad_(True)
     q, k, v, pk, pv = inputs
     weights = torch.randn(rows, heads, length, dim, dtype=torch.float64)
-    got = torch.autograd.grad((partial.attend(q, k, v, 0.3, window, softcap, (pk, pv), per_group) * weights).sum(),
+    got = torch.autograd.grad((shortcuts.attend(q, k, v, 0.3, window, softcap, (pk, pv), per_group) * weights).sum(),
                               inputs)
     expected = torch.autograd.grad((_reference_attention(q, k, v, 0.3, window, softcap, (pk, pv), per_group)
                                     * weights).sum(), inputs)
@@ -147,12 +147,12 @@ def test_attention_over_a_shared_prefix_has_the_gradient_of_the_concatenation(wi
 
 def _whole_row_gradients(lm, evaluator, metric, ablated=()):
     """The reference: every sequence a row with its whole prompt (no shared prefix), per item."""
-    runner = evaluator.runner
+    runner = evaluator.gradient_runner
     weights = evaluator._metric_weights(metric)
     base = torch.ones(lm.layout.n_total, dtype=torch.float64)
     base[list(ablated)] = 0.0
     out = np.zeros((len(evaluator.requests.sequences), lm.layout.n_total))
-    runner._whole_row_gradients(evaluator.requests, list(range(len(out))), weights, base, out)
+    runner._whole_row_gradients(evaluator.requests, list(range(len(out))), weights, base, out, np.zeros(len(out)))
     per_item = np.zeros((len(evaluator.items), lm.layout.n_total))
     np.add.at(per_item, [s.item for s in evaluator.requests.sequences], out)
     return per_item

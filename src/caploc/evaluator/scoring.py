@@ -1,0 +1,314 @@
+"""Teacher-forced scoring under ablation masks: per (mask, sequence), the continuation's log-probability and
+whether greedy decoding reproduces it, from one forward pass.
+
+The few-shot prefix shared by a group of items is run once per mask, and every row of that mask attends to its
+K/V without a copy (`shortcuts`); rows whose masks leave the first layers alone start at the first ablated
+layer from the unablated hidden states, computed once per evaluator. Suffixes are RIGHT padded and run
+without an attention mask: for a causal model the real tokens never see the pads, so every row is exact and
+its layout (positions, padding) is the same under every mask, baseline included (right padding is exact;
+left padding in bf16 moves a row's logits by as much as one head's effect).
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from caploc.evaluator.batches import pad_batch
+from caploc.evaluator.requests import Requests
+from caploc.evaluator.runner import ModelRunner, returned_cache
+from caploc.evaluator.shortcuts import shortcut_forward
+from caploc.hooks import gathered_output_positions
+from caploc.masks import Masks
+
+LAYER_REUSE_BYTES = 1 << 30  # unablated hidden states an evaluator keeps for layer reuse; above this, none
+
+
+@dataclass
+class _Unablated:
+    """The unablated model's hidden states entering every decoder layer, for one prefix group: where rows
+    whose masks leave the first layers alone start."""
+
+    prefix: list[torch.Tensor] | None  # per layer [1, P, hidden]
+    sequences: dict[int, torch.Tensor]  # sequence -> [n_layers, its input length, hidden]
+
+    def rows(self, chunk: list[int], width: int, layer: int) -> torch.Tensor:
+        """[len(chunk), width, hidden] entering `layer`, right-padded with zeros (pads are never attended)."""
+        first = self.sequences[chunk[0]]
+        out = first.new_zeros(len(chunk), width, first.shape[-1])
+        for r, s in enumerate(chunk):
+            states = self.sequences[s][layer]
+            out[r, :states.shape[0]] = states
+        return out
+
+
+
+class Scorer(ModelRunner):
+    """Teacher-forced passes; keeps the unablated hidden states of each prefix group for layer reuse."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._unablated: dict[tuple[int, ...], _Unablated | None] = {}
+
+    def masks_per_pass(self, requests: Requests) -> int:
+        n_seq = len(requests.sequences)
+        if self.shortcuts.shared_prefix:  # a mask costs its prefixes once and its rows' own tokens
+            prefixes = {seq.prefix for seq in requests.sequences}
+            per_mask = sum(map(len, prefixes)) + n_seq * requests.row_tokens(range(n_seq), shared_prefix=True)
+            return max(1, min(64, self.batch_tokens // per_mask))
+        rows = max(1, self.batch_tokens // requests.row_tokens(range(n_seq)))
+        return max(1, min(64, rows // max(1, min(n_seq, rows))))
+
+    @torch.no_grad()
+    def teacher_forced(self, requests: Requests, masks: Masks) -> tuple[np.ndarray, np.ndarray]:
+        """(log-probability, greedy exact match) of every sequence under every mask: [n_masks, n_sequences]."""
+        n_masks = len(masks)
+        n_seq = len(requests.sequences)
+        seq_logprob = np.zeros((n_masks, n_seq))
+        seq_greedy = np.zeros((n_masks, n_seq), dtype=bool)
+        mask_dev = masks.tensor(self.device)
+        groups = requests.prefix_groups()
+        prefixed = [(p, m) for p, m in groups.items() if p]
+        if len(prefixed) > 1:  # many prefixes (one per multiple-choice item): pack them into shared passes
+            for pack in _packs(prefixed, requests):
+                logprob, greedy = self._score_packed(requests, pack, mask_dev)
+                members = [s for _, group in pack for s in group]
+                seq_logprob[:, members] = logprob
+                seq_greedy[:, members] = greedy
+            groups = {p: m for p, m in groups.items() if not p}
+        for prefix, members in groups.items():
+            start, unablated = 0, None
+            first_layer = self.first_layer(masks)
+            if self.shortcuts.layer_reuse and first_layer > 0:
+                unablated = self._unablated_states(requests, prefix, members)
+                start = first_layer if unablated is not None else 0
+            prefix_cache = self._run_prefix(prefix, mask_dev, start, unablated) if prefix else None
+            row_tokens = requests.row_tokens(members, shared_prefix=self.shortcuts.shared_prefix)
+            per_chunk = max(1, self.batch_tokens // (row_tokens * n_masks))
+            for first in range(0, len(members), per_chunk):
+                chunk = members[first:first + per_chunk]
+                logprob, greedy = self._score_chunk(requests, chunk, len(prefix), prefix_cache, mask_dev, start,
+                                                    unablated)
+                seq_logprob[:, chunk] = logprob
+                seq_greedy[:, chunk] = greedy
+        return seq_logprob, seq_greedy
+
+    def _score_packed(self, requests: Requests, pack, mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Several prefix groups in shared passes: their prefixes (LEFT-padded and attention-masked, so every
+        suffix starts at the same cache index and sliding-window attention sees true distances) once per
+        mask, then every member sequence on its own group's prefix cache. The pack and its padded layout are
+        fixed by the items alone, so a sequence is laid out the same way under every mask."""
+        pad = self.lm.tokenizer.pad_token_id
+        prefixes = [list(p) for p, _ in pack]
+        group_of = torch.tensor([g for g, (_, members) in enumerate(pack) for _ in members], device=self.device)
+        seqs = [requests.sequences[s] for _, members in pack for s in members]
+        pre_ids, pre_real = pad_batch(prefixes, pad, side="left", device=self.device)
+        pre_positions = (pre_real.cumsum(1) - 1).clamp_min(0)
+        inputs = [seq.context + seq.continuation[:-1] for seq in seqs]
+        suf_ids, _ = pad_batch(inputs, pad, device=self.device)
+        n_groups, n_seq, width = len(pack), len(seqs), suf_ids.shape[1]
+        prefix_len = pre_real.sum(1)
+        starts = [len(seq.context) - 1 for seq in seqs]
+        attention = torch.cat([pre_real[group_of], torch.ones_like(suf_ids)], dim=1)
+        positions = prefix_len[group_of][:, None] + torch.arange(width, device=self.device)[None]
+        per_call = max(1, self.batch_tokens // (n_groups * pre_ids.shape[1] + n_seq * width))
+        total = np.zeros((mask.shape[0], n_seq))
+        greedy = np.zeros((mask.shape[0], n_seq), dtype=bool)
+        for m0 in range(0, mask.shape[0], per_call):
+            chunk = mask[m0:m0 + per_call]
+            c = chunk.shape[0]
+            with self.applied(chunk.repeat_interleave(n_groups, dim=0)):  # mask-major rows
+                cache = returned_cache(self.lm.model(
+                    input_ids=pre_ids.repeat(c, 1), attention_mask=pre_real.repeat(c, 1),
+                    position_ids=pre_positions.repeat(c, 1), use_cache=True, logits_to_keep=1))
+            cache.batch_select_indices((torch.arange(c, device=self.device)[:, None] * n_groups
+                                        + group_of[None]).reshape(-1))
+            scored = ScoredTokens(seqs, starts, c, self.device)
+            with self.applied(chunk.repeat_interleave(n_seq, dim=0)), scored.applied(self.lm.model):
+                logits = self.lm.model(input_ids=suf_ids.repeat(c, 1), attention_mask=attention.repeat(c, 1),
+                                       position_ids=positions.repeat(c, 1), use_cache=True, logits_to_keep=0,
+                                       **{self.cache_name: cache}).logits
+            self.stats.tokens += int(pre_real.sum()) * c + sum(len(x) for x in inputs) * c
+            total[m0:m0 + c], greedy[m0:m0 + c] = scored.reduce(logits)
+        return total, greedy
+
+    def _run_prefix(self, prefix: tuple[int, ...], mask: torch.Tensor, start: int = 0,
+                    unablated: _Unablated | None = None):
+        """The prefix under every mask: its K/V per layer (from layer `start` on), or a KV cache where the
+        model cannot attend to a shared prefix without copies."""
+        ids = torch.tensor([prefix], device=self.device).expand(mask.shape[0], -1)
+        self.stats.tokens += self.layer_share(ids.numel(), start)
+        if not self.shortcuts.shared_prefix:
+            with self.applied(mask):
+                return returned_cache(self.lm.model(input_ids=ids, use_cache=True, logits_to_keep=1))
+        kv: dict = {}
+        start_inputs = unablated.prefix[start].repeat(mask.shape[0], 1, 1) if start else None
+        with shortcut_forward(self.lm.model, start=start, start_inputs=start_inputs, capture=kv), \
+                self.applied(mask):
+            self.lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        return kv
+
+    @torch.no_grad()
+    def _unablated_states(self, requests: Requests, prefix: tuple[int, ...], members: list[int]):
+        """The unablated hidden states entering every layer for this prefix group (computed once per
+        evaluator), or None when they would take more than LAYER_REUSE_BYTES."""
+        if prefix in self._unablated:
+            return self._unablated[prefix]
+        model, config = self.lm.model, self.lm.model.config
+        inputs = {s: requests.sequences[s].context + requests.sequences[s].continuation[:-1] for s in members}
+        size = (self.ablation.site.n_layers * getattr(config, "hidden_size", 0)
+                * next(model.parameters()).dtype.itemsize
+                * (len(prefix) + sum(len(x) for x in inputs.values())))
+        if size > LAYER_REUSE_BYTES:
+            self._unablated[prefix] = None
+            return None
+        prefix_inputs, prefix_kv = None, None
+        if prefix:
+            prefix_inputs, prefix_kv = [], {}
+            with shortcut_forward(model, capture=prefix_kv, layer_inputs=prefix_inputs):
+                model(input_ids=torch.tensor([prefix], device=self.device), use_cache=False, logits_to_keep=1)
+        sequences = {}
+        per_chunk = max(1, self.batch_tokens // requests.row_tokens(members, shared_prefix=True))
+        for first in range(0, len(members), per_chunk):
+            chunk = members[first:first + per_chunk]
+            ids, _ = pad_batch([inputs[s] for s in chunk], self.lm.tokenizer.pad_token_id, device=self.device)
+            positions = (torch.arange(ids.shape[1], device=self.device) + len(prefix))[None].expand(len(chunk), -1)
+            layer_inputs: list = []
+            with shortcut_forward(model, prefix=prefix_kv, rows_per_prefix=len(chunk), layer_inputs=layer_inputs):
+                model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1)
+            stacked = torch.stack(layer_inputs, dim=1)  # [rows, n_layers, width, hidden]
+            for r, s in enumerate(chunk):
+                sequences[s] = stacked[r, :, :len(inputs[s])].clone()
+        self.stats.tokens += len(prefix) + sum(len(x) for x in inputs.values())
+        self._unablated[prefix] = _Unablated(prefix_inputs, sequences)
+        return self._unablated[prefix]
+
+    def _score_chunk(self, requests: Requests, chunk, prefix_len, prefix_cache, mask, start: int = 0,
+                     unablated: _Unablated | None = None):
+        seqs = [requests.sequences[s] for s in chunk]
+        n_masks, n_seq = mask.shape[0], len(seqs)
+        inputs = [seq.context + seq.continuation[:-1] for seq in seqs]
+        ids, _ = pad_batch(inputs, self.lm.tokenizer.pad_token_id)
+        width = ids.shape[1]
+        # first position whose logits predict a continuation token, per sequence
+        scored = ScoredTokens(seqs, [len(seq.context) - 1 for seq in seqs], n_masks, self.device)
+        rows_ids = ids.to(self.device).repeat(n_masks, 1)  # mask-major rows
+        row_mask = mask.repeat_interleave(n_seq, dim=0)
+        self.stats.tokens += self.layer_share(sum(len(x) for x in inputs) * n_masks, start)
+        if self.shortcuts.shared_prefix:
+            positions = None
+            if prefix_len:
+                positions = (torch.arange(width, device=self.device) + prefix_len)[None].expand(len(rows_ids), -1)
+            start_inputs = unablated.rows(chunk, width, start).repeat(n_masks, 1, 1) if start else None
+            with shortcut_forward(self.lm.model, start=start, start_inputs=start_inputs, prefix=prefix_cache,
+                                 rows_per_prefix=n_seq), self.applied(row_mask), scored.applied(self.lm.model):
+                logits = self.lm.model(input_ids=rows_ids, position_ids=positions, use_cache=False,
+                                       logits_to_keep=0).logits
+            return scored.reduce(logits)
+        kwargs = {}  # the copying way: the prefix cache repeated for every row
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(n_seq)
+            kwargs[self.cache_name] = cache
+            kwargs["position_ids"] = (torch.arange(width, device=self.device) + prefix_len)[None].expand(
+                rows_ids.shape[0], -1)
+        with self.applied(row_mask), scored.applied(self.lm.model):
+            logits = self.lm.model(input_ids=rows_ids, use_cache=prefix_cache is not None,
+                                   logits_to_keep=0, **kwargs).logits
+        return scored.reduce(logits)
+
+
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax in fp32 for half-precision models, in the model's own precision above that."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+NORMALISER_ROWS = 32  # scored positions whose fp32 logits are made at a time: a block that stays in cache is ~4x
+# faster than one pass over all of them (the normaliser is memory-bound)
+
+
+class ScoredTokens:
+    """The (row, position) pairs of a pass whose logits predict a continuation token, rows being n_masks x
+    `seqs` (mask-major) and starts[r] the position of sequence r predicting its first continuation token.
+    Inside `applied`, the model's output embedding sees the hidden states at those pairs only, so the
+    vocabulary projection and the log-normaliser run on the tokens scored and no others (a shared range of
+    kept positions cost ~2x more on arithmetic, where contexts differ in length); any elementwise logit
+    post-processing of the model (Gemma 2's softcapping) still applies."""
+
+    def __init__(self, seqs, starts: list[int], n_masks: int, device):
+        lengths = torch.tensor([len(seq.continuation) for seq in seqs])
+        seq_of = torch.repeat_interleave(torch.arange(len(seqs)), lengths)
+        offset = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+        base_positions = torch.tensor(starts)[seq_of] + offset
+        base_targets = torch.tensor([t for seq in seqs for t in seq.continuation])
+        self.n_masks, self.n_seq = n_masks, len(seqs)
+        masks = torch.arange(n_masks).repeat_interleave(len(base_targets))
+        self.rows = (masks * len(seqs) + seq_of.repeat(n_masks)).to(device)
+        self.positions = base_positions.repeat(n_masks).to(device)
+        self.targets = base_targets.repeat(n_masks).to(device)
+        self.gathered = False
+
+    @contextmanager
+    def applied(self, model):
+        with gathered_output_positions(model, self.rows, self.positions) as gathered:
+            self.gathered = gathered
+            yield
+
+    def _token_logprobs(self, logits: torch.Tensor):
+        """Per scored token: log p(target) and whether it is the argmax."""
+        logits = logits[0] if self.gathered else logits[self.rows, self.positions]
+        logprobs, argmax_ok = [], []
+        for first in range(0, len(self.targets), NORMALISER_ROWS):
+            block = _at_least_fp32(logits[first:first + NORMALISER_ROWS])
+            targets = self.targets[first:first + NORMALISER_ROWS]
+            picked = block.gather(-1, targets[:, None]).squeeze(-1)
+            logprobs.append(picked - torch.logsumexp(block, dim=-1))
+            argmax_ok.append(block.argmax(-1) == targets)
+        return torch.cat(logprobs), torch.cat(argmax_ok)
+
+    def reduce(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Each sequence's continuation log-probability and whether greedy decoding reproduces it:
+        [n_masks, n_seq]. The target's logit minus the log-normaliser: no log-softmax is materialised."""
+        logprob, ok = self._token_logprobs(logits)
+        n_rows = self.n_masks * self.n_seq
+        total = torch.zeros(n_rows, dtype=torch.float64, device=logprob.device).index_add_(0, self.rows,
+                                                                                          logprob.double())
+        wrong = torch.zeros(n_rows, device=logprob.device).index_add_(0, self.rows, (~ok).float())
+        shape = (self.n_masks, self.n_seq)
+        return total.view(shape).cpu().numpy(), (wrong == 0).view(shape).cpu().numpy()
+
+    def weighted_sum(self, logits: torch.Tensor, weights: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """(sum over rows r of weights[r] * log p(continuation r), differentiable; each row's log p)."""
+        logprob, _ = self._token_logprobs(logits)
+        per_token = torch.as_tensor(np.asarray(weights, dtype=np.float64), device=logprob.device)[
+            self.rows % self.n_seq].to(logprob.dtype)
+        per_row = torch.zeros(self.n_masks * self.n_seq, dtype=torch.float64, device=logprob.device).index_add_(
+            0, self.rows, logprob.detach().double())
+        return (per_token * logprob).sum(), per_row.cpu().numpy()
+
+
+PACK_TOKENS = 2048  # tokens of one mask's rows in a pack of prefix groups
+
+
+def _packs(groups, requests: Requests) -> list[list]:
+    """Consecutive prefix groups packed up to about PACK_TOKENS per mask (prefixes and member suffixes
+    padded to the pack's longest): a layout that depends on the items only."""
+    packs, current = [], []
+    for prefix, members in groups:
+        trial = current + [(prefix, members)]
+        longest_prefix = max(len(p) for p, _ in trial)
+        longest_suffix = max(len(requests.sequences[s].context) + len(requests.sequences[s].continuation) - 1
+                             for _, ms in trial for s in ms)
+        size = len(trial) * longest_prefix + sum(len(ms) for _, ms in trial) * longest_suffix
+        if current and size > PACK_TOKENS:
+            packs.append(current)
+            current = [(prefix, members)]
+        else:
+            current = trial
+    if current:
+        packs.append(current)
+    return packs
