@@ -37,6 +37,7 @@ import numpy as np
 
 from caploc import Criterion, EvalOptions, LocateOptions, TaskSpec, load_model, locate, make_method
 from caploc.evaluator import Evaluator
+from caploc.methods import Objective
 from caploc.experiments.locate import DEFAULT_N_CONTROL
 from caploc.stats import paired_drop
 from caploc.store import EvalStore
@@ -91,6 +92,8 @@ def main():
     for name in args.methods.split(","):
         if name == "refine":
             configs.append(("refine (default, control general)", "refine", {}, "general"))
+        elif name == "joint":  # the joint search, with prose as a second control (what early heads break)
+            configs.append(("joint (control general,text)", "joint", {}, "general,text"))
         elif name == "greedy+control":  # greedy under the default's criterion: what refine restricts
             configs.append(("greedy (control general)", "greedy", {}, "general"))
         else:
@@ -127,7 +130,9 @@ def main():
                 # logical cost, independent of what the store already held (locate's budget): masks asked
                 # for x tokens per mask, target and control apart, plus the tokens the gradients ran
                 per_mask = run.budget["tokens_per_evaluation"] or 0
-                runs.append({"seed": seed, "top": top, "tokens": run.budget["logical_model_tokens"],
+                extra = {"backups": backups(lm, task, seed, heads[0], args.n, store, run.attention_check)} \
+                    if task_name == "ioi" else {}
+                runs.append({**extra, "seed": seed, "top": top, "tokens": run.budget["logical_model_tokens"],
                              "control_evaluations": run.budget["control_evaluations"],
                              "computed_tokens": run.budget["method_model_tokens"],
                              "evaluations": run.budget["evaluations"], "tokens_per_evaluation": per_mask,
@@ -184,6 +189,24 @@ def main():
             rows.append(row)
         write(args.json, rows, raw, vars(args), prefix_top10)
     print_table(rows, args.k)
+
+
+def backups(lm, task, seed, chosen, n, store, check, candidates=10, report=5):
+    """Which heads take over when the set `chosen` is ablated (IOI's backup name movers): the gradient on top
+    of the set nominates `candidates` heads, and each one's exact marginal drop on top of the set, against its
+    drop alone, is measured; the `report` largest, with whether they are among the heads that attend most to
+    the indirect object."""
+    objective = Objective(Evaluator(lm, task, task.items(n, seed), store=store), task.identification_metric)
+    estimate, _ = objective.estimated_drops(chosen)
+    nominated = [int(i) for i in np.argsort(-estimate) if int(i) not in chosen][:candidates]
+    on_top = objective.drops(objective.set_masks([chosen + [h] for h in nominated] + [chosen]))
+    alone = objective.drops(objective.set_masks([[h] for h in nominated]))
+    marginal = on_top[:-1] - on_top[-1]
+    order = np.argsort(-marginal)[:report]
+    movers = set(check.get("top", [])) if check else set()
+    return [{"head": str(lm.layout.head(nominated[j])), "marginal_on_top": float(marginal[j]),
+             "alone": float(alone[j]), "name_mover_top10": str(lm.layout.head(nominated[j])) in movers}
+            for j in order]
 
 
 def write(path, rows, raw, params, prefix_top10):

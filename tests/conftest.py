@@ -49,3 +49,14 @@ def cli(capsys):
         return CliRun(code, out.out, out.err)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def redundant():
+    """A tiny model with a redundant head pair and a decoy (tiny.redundant_model), and its planted task."""
+    from caploc import wrap_model
+    from tiny import PlantedTask, byte_tokenizer, redundant_model
+
+    model = redundant_model()
+    tok = byte_tokenizer()
+    return wrap_model(model, tok, spec="redundant"), PlantedTask(model, tok)

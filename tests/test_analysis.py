@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from caploc import (CaplocError, EvalOptions, LocateOptions, TaskSpec, TaskSuite, compare, locate, specificity,
+from caploc import (CaplocError, Criterion, EvalOptions, LocateOptions, TaskSpec, TaskSuite, compare, locate, specificity,
                     universal)
 from caploc.experiments.suite import repetition_rate
 from caploc.store import EvalStore
@@ -91,8 +91,10 @@ def test_specificity_of_planted_heads_and_from_run(planted, tmp_path):
 def test_compare_runs(planted, tmp_path):
     lm, task = planted
     store = EvalOptions(store=EvalStore(tmp_path / "s.sqlite"))
-    locate(lm, TaskSpec(task, n=16), "1s-greedy", k=3, evaluation=store, out=tmp_path / "a")
-    locate(lm, TaskSpec(task, n=16, seed=1), "greedy", k=3, evaluation=store, out=tmp_path / "b")
+    # the planted heads are this model's only live ones and carry the control as well: no control here
+    plain = Criterion(control="none")
+    locate(lm, TaskSpec(task, n=16), "1s-greedy", k=3, criterion=plain, evaluation=store, out=tmp_path / "a")
+    locate(lm, TaskSpec(task, n=16, seed=1), "greedy", k=3, criterion=plain, evaluation=store, out=tmp_path / "b")
     report = compare(tmp_path / "a", tmp_path / "b")
     assert report["overlap"] == 3 and report["jaccard"] == 1.0
     assert set(report["shared"]) == {str(h) for h in PLANTED}

@@ -164,9 +164,9 @@ def test_hooks_are_removed_when_an_evaluation_raises():
 
 
 def test_library_errors_name_parameters_and_the_cli_names_flags():
-    with pytest.raises(ParameterError, match="^k must be positive$") as info:
+    with pytest.raises(ParameterError, match=r"^k must be positive \(or auto\)$") as info:
         caploc.locate(wrap_model(build("llama"), byte_tokenizer()), "arithmetic", k=0)
-    assert info.value.render(lambda p: f"--{p}") == "--k must be positive"
+    assert info.value.render(lambda p: f"--{p}") == "--k must be positive (or auto)"
     from caploc.cli import app
     from caploc.cli.expand import flag_of
 

@@ -11,7 +11,7 @@ import pytest
 def test_the_entry_point_is_one_line_and_nonzero_in_a_process_of_its_own():
     proc = subprocess.run([sys.executable, "-m", "caploc", "locate", "--k", "0"], capture_output=True, text=True,
                           timeout=600, env=os.environ.copy())
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: --k must be positive", proc.stderr
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --k must be positive (or auto)", proc.stderr
 
 
 @pytest.mark.parametrize("args, message", [

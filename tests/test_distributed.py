@@ -38,8 +38,9 @@ def distributed():
     import ray
 
     path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
-    # 4 logical CPUs: the fixture's 2 actors and the 2 a `--workers 2` locate starts in this process
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    # logical CPUs to spare: the fixture's 2 actors, a crashed one's replacement and the 2 a `--workers 2` locate
+    # starts in this process
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": path}})
     lm = load_model("smollm2-135m", dtype="float32")
     backend = ray_backend(lm, 2, threads=1)

@@ -110,10 +110,10 @@ def test_improving_one_control_does_not_pay_for_damage_to_another():
                           [PlantedResponses(a, base=-3.0, seed=1, name="a"),
                            PlantedResponses(b, base=-3.0, seed=2, name="b")])
     _, damage = objective.responses(objective.set_masks([[5], [9]]))
-    relative = 0.9 * objective.controls[0].item_gain.mean() / abs(objective.control_baselines()[0])
-    np.testing.assert_allclose(damage, [relative / 2, 0.0])
+    share = -np.expm1(-0.9 * objective.controls[0].item_gain.mean())  # of control A's answer probability
+    np.testing.assert_allclose(damage, [share / 2, 0.0])
     _, estimated = objective.estimated_drops()
-    np.testing.assert_allclose(estimated[[5, 9]], [relative / 2, 0.0])
+    np.testing.assert_allclose(estimated[[5, 9]], [share / 2, 0.0])
     assert OneShotGreedy().run(objective, k=1).top(1) == [9]
 
 
@@ -123,8 +123,8 @@ def test_penalty_zero_is_the_plain_ranking_and_the_criterion_is_documented():
     masks = objective.set_masks([[UNSPECIFIC], [SPECIFIC[0]], [20]])
     t, c = objective.responses(masks)
 
-    def share(drop, baseline):  # the saturating share of the target removed (methods.base)
-        return 1 - np.exp(-drop / abs(baseline))
+    def share(drop, baseline):  # the share of the target answer's probability removed (methods.base)
+        return 1 - np.exp(-drop)
 
     np.testing.assert_allclose(objective.specificity(t, c), share(t, objective.baseline))
     assert np.all(np.argsort(objective.specificity(t, c)) == np.argsort(t))  # penalty 0: the plain ranking
@@ -136,7 +136,10 @@ def test_penalty_zero_is_the_plain_ranking_and_the_criterion_is_documented():
     free = Objective(target, "logprob", [control], penalty=1.0)
     b = abs(free.baseline)
     assert free.specificity(np.array([50.0 * b, 2.0 * b]), np.array([0.5, 0.0])).argmax() == 1
-    np.testing.assert_allclose(free.specificity(np.array([1e-6 * b]), np.array([0.0])), [1e-6], rtol=1e-5)
+    np.testing.assert_allclose(free.specificity(np.array([1e-6 * b]), np.array([0.0])), [1e-6 * b], rtol=1e-5)
+    # whatever the baseline: a confident model's 2-nat drop removes 86% of its answer's probability
+    confident = Objective(PlantedResponses(np.ones(N_HEADS), base=-0.02), "logprob", [control])
+    np.testing.assert_allclose(confident.target_share(np.array([2.0])), [1 - np.exp(-2.0)])
     # the tolerance: past it, the control decides, whatever the target drop
     tolerant = Objective(target, "logprob", [control], penalty=1.0, tolerance=0.1)
     bounded = tolerant.specificity(t, c)

@@ -101,3 +101,14 @@ def test_locate_identifies_a_generation_task_on_its_reference_and_validates_by_g
     # held out: the reference's log-probability for every j, the real metric (generation) with all k ablated
     assert [p["k"] for p in run.validation[REFERENCE_METRIC]] == [1, 2]
     assert [p["k"] for p in run.validation["acc"]] == [2]
+
+
+def test_neurons_attribute_a_generation_task_on_its_reference(tmp_path, monkeypatch):
+    from caploc import CNLOptions, neurons
+
+    monkeypatch.setenv("CAPLOC_CACHE", str(tmp_path))
+    lm = wrap_model(build("llama"), byte_tokenizer(), spec="tiny-llama")
+    report = neurons(lm, TaskSpec("gsm8k", data=GSM8K, shots=0, n=3), CNLOptions(top_q=0.05, min_share=0.3,
+                                                                                 enhance=(1.5,), general=None),
+                     evaluation=EvalOptions(store=False))
+    assert report.ablation["task"]["metric"] == REFERENCE_METRIC and report.neurons

@@ -109,3 +109,29 @@ def planted_objective(planted, store=None):
 
     lm, task = planted
     return Objective(Evaluator(lm, task, task.items(24, seed=0), store=store), "logprob")
+
+
+REDUNDANT = (Head(2, 0), Head(2, 1))  # one head's copy of the other: alone each does nothing, together a lot
+DECOY = Head(1, 3)  # the largest single head: what one-at-a-time methods take first
+
+
+def redundant_model():
+    """4 layers x 8 heads, every output projection zero but three: REDUNDANT, two identical heads (the same
+    queries, keys and values, the same output columns, scaled up so that either alone dominates the residual:
+    after the final norm one copy writes what two do), and DECOY, an ordinary head. Ablating either copy costs
+    nothing; ablating both removes the answer (planted task: the intact model's own preferences)."""
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=8, initializer_range=0.2,
+                            tie_word_embeddings=False)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    layout = arch.head_layout(model)
+    head_site(model).zero_columns([h for h in layout.all_heads() if h not in (*REDUNDANT, DECOY)])
+    a, b = REDUNDANT
+    with torch.no_grad():
+        attention = model.model.layers[a.layer].self_attn
+        attention.q_proj.weight[b.head * 8:(b.head + 1) * 8] = attention.q_proj.weight[a.head * 8:(a.head + 1) * 8]
+        attention.o_proj.weight[:, a.head * 8:(a.head + 1) * 8] *= 32
+        attention.o_proj.weight[:, b.head * 8:(b.head + 1) * 8] = attention.o_proj.weight[:, a.head * 8:(a.head + 1) * 8]
+        arch.attn_out_projs(model)[DECOY.layer].weight[:, DECOY.head * 8:(DECOY.head + 1) * 8] *= 2
+    return model

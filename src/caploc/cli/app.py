@@ -13,12 +13,22 @@ from caploc import api
 from caploc.cli import options as o
 from caploc.cli import render
 from caploc.cli.expand import expanded, note_registry_flags
+from caploc.errors import ParameterError
 from caploc.experiments.density import SAEOptions
 from caploc.experiments.locate import Criterion, LocateOptions
 from caploc.experiments.neurons import CNLOptions
 from caploc.experiments.specs import EvalOptions, ModelSpec, TaskSpec, TaskSuite
 from caploc.methods import DEFAULT_METHOD, METHODS
 from caploc.tasks import TASKS
+
+
+def _size(k: str) -> int | str:
+    if k.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(k)
+    except ValueError:
+        raise ParameterError(f"{{k}} must be a positive integer or auto, got {k!r}", "k") from None
 
 
 def _progress(evaluation: EvalOptions, quiet: bool, as_json: bool) -> EvalOptions:
@@ -41,13 +51,14 @@ def locate(
     method: str = typer.Option(DEFAULT_METHOD, "--method", help="the localization method (`caploc methods` lists "
                                f"them; default {DEFAULT_METHOD}: a screen nominates candidates, exact greedy picks "
                                "among them)"),
-    k: int = typer.Option(5, "--k", help="number of heads to report and validate"),
+    k: str = typer.Option("5", "--k", help="number of heads to report and validate, or auto (joint: the smallest "
+                          "set that keeps most of what its candidates remove)"),
     evaluation: EvalOptions = EvalOptions(),
     out: Optional[str] = typer.Option(None, "--out", help="run directory: writes OUT/result.json"),
     as_json: o.AsJson = False, json_file: o.JsonFile = None, quiet: o.Quiet = False, method_params: dict = None,
 ):
     """Find the heads that carry a capability, then validate them on held-out items."""
-    result = api.locate(model, task, api.make_method(method, **method_params), k=k, criterion=criterion,
+    result = api.locate(model, task, api.make_method(method, **method_params), k=_size(k), criterion=criterion,
                         options=options, evaluation=_progress(evaluation, quiet, as_json), out=out)
     render.emit(result, as_json, json_file, render.print_locate)
     if out and not as_json:

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from caploc.components import HeadLayout
 from caploc.files import json_default, write_json
+from caploc.stats import LOG_PROBABILITIES
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -23,6 +24,11 @@ def emit(report, as_json: bool, json_file: Optional[str], show: Callable) -> Non
         print(json.dumps(report.to_dict(), indent=2, default=json_default))
     else:
         show(report)
+
+
+def _share(point: dict, metric: str | None) -> str:
+    """A relative drop; of a log-probability it is the share of the answer's probability removed ("of p")."""
+    return f"{point['relative_drop']:.1%}" + (" of p" if metric in LOG_PROBABILITIES else "")
 
 
 def _fmt_interval(mean: float, lo: float, hi: float) -> str:
@@ -41,7 +47,7 @@ def print_eval(report) -> None:
         row = [name, _fmt_interval(m["baseline"], m["baseline_low"], m["baseline_high"])]
         if "ablated" in m:
             row += [_fmt_interval(m["ablated"], m["ablated_low"], m["ablated_high"]),
-                    _fmt_interval(m["drop"], m["drop_low"], m["drop_high"]), f"{m['relative_drop']:.1%}"]
+                    _fmt_interval(m["drop"], m["drop_low"], m["drop_high"]), _share(m, name)]
         else:
             row += ["-", "-", "-"]
         table.add_row(*row)
@@ -117,14 +123,14 @@ def print_locate(report) -> None:
         for name in metrics:  # a metric by generation is measured with all k heads ablated only
             point = next((p for p in report["validation"][name] if p.get("k", j) == j), None)
             row += ([_fmt_interval(point["drop"], point["drop_low"], point["drop_high"]),
-                     f"{point['relative_drop']:.1%}"] if point else ["-", "-"])
+                     _share(point, name)] if point else ["-", "-"])
         curve.add_row(*row)
     console.print(curve)
     base = report["validation"][metrics[0]][0]
     console.print(f"held-out baseline {metrics[0]} {base['baseline']:.4f}")
     for name, curves in (report.get("control_validation") or {}).items():
         console.print(f"control {name}, held-out, all {report['k']} heads ablated: " + ", ".join(
-            f"{m} {c[-1]['baseline']:.3f} -> {c[-1]['ablated']:.3f} ({c[-1]['relative_drop']:.1%})"
+            f"{m} {c[-1]['baseline']:.3f} -> {c[-1]['ablated']:.3f} ({_share(c[-1], m)})"
             for m, c in curves.items() if m in ("acc", "acc_norm", "logprob")))
     if report.get("details", {}).get("warning"):
         console.print(f"[yellow]warning: {report['details']['warning']}[/yellow]")
@@ -166,7 +172,7 @@ def print_specificity(report) -> None:
     for name, r in report["tasks"].items():
         table.add_row(name, r["metric"], _fmt_interval(r["baseline"], r["baseline_low"], r["baseline_high"]),
                       _fmt_interval(r["ablated"], r["ablated_low"], r["ablated_high"]),
-                      _fmt_interval(r["drop"], r["drop_low"], r["drop_high"]), f"{r['relative_drop']:.1%}")
+                      _fmt_interval(r["drop"], r["drop_low"], r["drop_high"]), _share(r, r["metric"]))
     g = report["general"]
     if g:
         table.add_row("general average", "", f"{g['baseline']:.3f}", f"{g['ablated']:.3f}",
@@ -234,8 +240,8 @@ def print_neurons(report) -> None:
     for label, r in report["ablation"].items():
         loc, rnd = r["located"], r["random"]
         table.add_row(f"{label} ({r['task']['task']})", r["metric"], f"{loc['baseline']:.3f}",
-                      _fmt_interval(loc["drop"], loc["drop_low"], loc["drop_high"]), f"{loc['relative_drop']:.1%}",
-                      _fmt_interval(rnd["drop"], rnd["drop_low"], rnd["drop_high"]), f"{rnd['relative_drop']:.1%}")
+                      _fmt_interval(loc["drop"], loc["drop_low"], loc["drop_high"]), _share(loc, r["metric"]),
+                      _fmt_interval(rnd["drop"], rnd["drop_low"], rnd["drop_high"]), _share(rnd, r["metric"]))
     console.print(table)
     for e in report["enhancement"]:
         console.print(f"enhancement x{e['factor']} (split B): " + ", ".join(

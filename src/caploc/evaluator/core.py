@@ -107,6 +107,12 @@ class Evaluator:
         return self.ablation.n_total
 
     @property
+    def per_layer(self) -> int:
+        """Components per layer (heads, or MLP neurons): mask column c is unit c % per_layer of layer
+        c // per_layer."""
+        return self.ablation.site.n_units
+
+    @property
     def store(self):
         return self.cache.store
 

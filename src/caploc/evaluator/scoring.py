@@ -227,8 +227,8 @@ def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-NORMALISER_ROWS = 32  # scored positions whose fp32 logits are made at a time: a block that stays in cache is ~4x
-# faster than one pass over all of them (the normaliser is memory-bound)
+NORMALISER_ELEMENTS = 1 << 20  # fp32 logits made at a time (as many scored positions as fit): a block that stays
+# in cache is several times faster than one pass over all of them (the normaliser is memory-bound)
 
 
 class ScoredTokens:
@@ -262,9 +262,10 @@ class ScoredTokens:
         """Per scored token: log p(target) and whether it is the argmax."""
         logits = logits[0] if self.gathered else logits[self.rows, self.positions]
         logprobs, argmax_ok = [], []
-        for first in range(0, len(self.targets), NORMALISER_ROWS):
-            block = _at_least_fp32(logits[first:first + NORMALISER_ROWS])
-            targets = self.targets[first:first + NORMALISER_ROWS]
+        rows = max(1, NORMALISER_ELEMENTS // logits.shape[-1])
+        for first in range(0, len(self.targets), rows):
+            block = _at_least_fp32(logits[first:first + rows])
+            targets = self.targets[first:first + rows]
             picked = block.gather(-1, targets[:, None]).squeeze(-1)
             logprobs.append(picked - torch.logsumexp(block, dim=-1))
             argmax_ok.append(block.argmax(-1) == targets)

@@ -150,7 +150,9 @@ def _fill(x: torch.Tensor, where: torch.Tensor, value: float, inplace: bool) -> 
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None, dtype) -> torch.Tensor:
-    scores = (q @ k.transpose(-1, -2)).to(dtype) * scaling
+    """Attention scores in `dtype` (at least fp32), the product too: a bf16 product rounds large scores (Qwen2's
+    reach the hundreds) by more than fused kernels, which accumulate and scale in fp32, do."""
+    scores = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     return scores

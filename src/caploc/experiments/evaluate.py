@@ -27,7 +27,7 @@ def evaluate(model: ModelSpec | str | LoadedModel = DEFAULT_MODEL, task: TaskSpe
     metrics, budget, fingerprint = {}, {}, None
     for evaluator in rt.evaluators(task_obj, task_obj.items(spec.n, spec.seed)):
         scores = evaluator.evaluate(masks).scores
-        metrics |= {name: score_summary(values[0], values[1] if heads else None, spec.seed)
+        metrics |= {name: score_summary(values[0], values[1] if heads else None, spec.seed, name)
                     for name, values in scores.items() if name not in metrics}
         budget = {k: budget.get(k, 0) + v for k, v in evaluator.stats.as_dict().items()}
         fingerprint = fingerprint or evaluator.task_fingerprint

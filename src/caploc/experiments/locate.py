@@ -24,7 +24,10 @@ CONTROL_DEFAULT = "general"
 DEFAULT_N_CONTROL = 24
 DEFAULT_BOOTSTRAP = 200
 ATTENTION_TOP = 10  # the highest heads by the attention signature that the reported heads are checked against
-CRITERION_TEXT = ("1 - exp(-target_drop/|target_baseline|) - penalty * mean over controls of max(relative drop, 0)")
+AUTO_K = "auto"
+CRITERION_TEXT = ("target share removed - penalty * mean over controls of max(share removed, 0); the share of a "
+                  "log-probability is of the answer's probability, 1 - exp(-drop), of a score 1 - exp(-drop/|baseline|) "
+                  "(target) or drop/|baseline| (control)")
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,9 @@ class Criterion:
     n_control: int | None = field(default=None, metadata=cli(
         "--n-control", help=f"control identification items (default: min(--n, {DEFAULT_N_CONTROL}))"))
     penalty: float = field(default=DEFAULT_PENALTY, metadata=cli(
-        "--penalty", help="weight of the controls' damage (relative drop)"))
+        "--penalty", help="weight of the controls' damage (the share of the control removed)"))
     tolerance: float | None = field(default=DEFAULT_TOLERANCE, metadata=cli(
-        "--control-tolerance", help="optional: the control's relative drop a head set may cost before it ranks "
+        "--control-tolerance", help="optional: the control's share removed a head set may cost before it ranks "
                                     "below every set within it (use with a large --n-control)"))
 
     def __post_init__(self):
@@ -78,7 +81,7 @@ class LocateOptions:
 
 
 def locate(model: ModelSpec | str | LoadedModel = DEFAULT_MODEL, task: TaskSpec | str | Task = "arithmetic",
-           method: str | Method = DEFAULT_METHOD, *, k: int = 5, criterion: Criterion | None = None,
+           method: str | Method = DEFAULT_METHOD, *, k: int | str = 5, criterion: Criterion | None = None,
            options: LocateOptions | None = None, evaluation: EvalOptions | None = None,
            out: str | Path | None = None) -> LocateResult:
     """Identify the top-k heads of a capability on `task.n` items, then validate them on `task.n_validate`
@@ -89,12 +92,18 @@ def locate(model: ModelSpec | str | LoadedModel = DEFAULT_MODEL, task: TaskSpec 
     (methods.base); held-out control items measure the chosen heads' control drop. `options.bootstrap`
     resamples of the identification items give each head's selection frequency; `options.seeds` runs the
     whole identification once per seed (items and method randomness) and reports how often each head recurs.
-    `method` is a registered name (`make_method`) or a Method; a method's `seed` is the run's."""
-    require(k > 0, "{k} must be positive", "k")
+    `method` is a registered name (`make_method`) or a Method; a method's `seed` is the run's. `k` "auto" lets
+    a method that can (`joint`) choose the size: the smallest set that keeps most of what its candidates
+    remove; the size chosen and the curve are in the result."""
+    method = make_method(method) if isinstance(method, str) else method
+    if k == AUTO_K:
+        require(getattr(method, "supports_auto_k", False), f"{{k}} auto needs a method that chooses the size of its "
+                f"set (joint), not {method.name}", "k")
+    else:
+        require(isinstance(k, int) and k > 0, "{k} must be positive (or auto)", "k")
     rt = Runtime.open(model, evaluation)
     spec = TaskSpec.of(task)
     criterion, options = criterion or Criterion(), options or LocateOptions()
-    method = make_method(method) if isinstance(method, str) else method
     seeds = list(options.seeds or [])
     runs = [_locate_one(rt, spec.replace(seed=s) if seeds else spec, method, k, criterion, options)
             for s in (seeds or [spec.seed])]
@@ -104,7 +113,7 @@ def locate(model: ModelSpec | str | LoadedModel = DEFAULT_MODEL, task: TaskSpec 
     return located
 
 
-def _locate_one(rt: Runtime, spec: TaskSpec, method: Method, k: int, criterion: Criterion,
+def _locate_one(rt: Runtime, spec: TaskSpec, method: Method, k: int | str, criterion: Criterion,
                 options: LocateOptions) -> LocateResult:
     started = time.perf_counter()
     lm, seed, n = rt.lm, spec.seed, spec.n
@@ -129,7 +138,8 @@ def _locate_one(rt: Runtime, spec: TaskSpec, method: Method, k: int, criterion: 
                    for t in control_tasks]
     objective = Objective(identify, metric, control_id, criterion.penalty, criterion.tolerance)
     result = method.run(objective, k)
-    frequency = (selection_frequency(method, objective, k, options.bootstrap, seed, result.details)
+    asked, k = k, (result.details["k"] if k == AUTO_K else k)  # the size the method chose, for "auto"
+    frequency = (selection_frequency(method, objective, asked, options.bootstrap, seed, result.details, k)
                  if options.bootstrap else None)
     ranking = [i for i in result.ranking if i not in excluded]
     top = ranking[:k]
@@ -144,6 +154,7 @@ def _locate_one(rt: Runtime, spec: TaskSpec, method: Method, k: int, criterion: 
         model=lm.describe(), task=task.config(), task_options=spec.recorded(),
         method={"name": method.name, **method.params()},
         k=k, n=len(id_items), n_validate=len(held_out), seed=seed, mode=identify.mode, metric=metric,
+        **({"extra": {"k_asked": asked}} if asked == AUTO_K else {}),
         control={"tasks": [t.config() for t in control_tasks], "metrics": objective.control_metrics,
                  "n": n_control if control_tasks else 0, "penalty": criterion.penalty,
                  "tolerance": criterion.tolerance,
@@ -180,21 +191,22 @@ def drop_curve(evaluator: Evaluator, ranking: list[int], k: int, seed: int, ever
     every metric's paired drop."""
     sizes = list(range(1, k + 1)) if every_j else [k]
     result = evaluator.evaluate([[]] + [ranking[:j] for j in sizes])
-    return {name: [score_summary(values[0], values[r], seed) | {"k": j} for r, j in enumerate(sizes, 1)]
+    return {name: [score_summary(values[0], values[r], seed, name) | {"k": j} for r, j in enumerate(sizes, 1)]
             for name, values in result.scores.items()}
 
 
-def selection_frequency(method: Method, objective: Objective, k: int, n_boot: int, seed: int,
-                        details: dict | None = None) -> np.ndarray:
+def selection_frequency(method: Method, objective: Objective, k: int | str, n_boot: int, seed: int,
+                        details: dict | None = None, top: int | None = None) -> np.ndarray:
     """Per head, the share of bootstrap resamples of the identification items (target and control resampled
     independently) in which the method, replayed on the stored per-item scores, puts it in its top-k. No new
     model call: greedy-type methods whose replay leaves the evaluated path complete their top-k from the
-    ranking of the round where it left; CS refits with the penalty its run chose (`details`)."""
+    ranking of the round where it left; CS refits with the penalty its run chose (`details`). `top`: how many
+    heads count as chosen (default k; with k "auto", the run's size)."""
     replay = method.for_replay(details) if details is not None else method
     counts = np.zeros(objective.n_components)
     rng = np.random.default_rng([seed, 0xB007])
     for _ in range(n_boot):
-        counts[replay.run(objective.resampled(rng), k).top(k)] += 1
+        counts[replay.run(objective.resampled(rng), k).top(top or k)] += 1
     return counts / n_boot
 
 
@@ -228,7 +240,7 @@ def _effects(result, objective: Objective) -> dict:
 
     return {"target": listed(result.target_effects), "control": listed(result.control_effects),
             "target_units": f"{objective.metric} drop",
-            "control_units": "control damage: mean over the controls of the relative drop, an improvement as 0"}
+            "control_units": "control damage: mean over the controls of the share removed, an improvement as 0"}
 
 
 def _budget(objective: Objective, identify: Evaluator, control_id: list[Evaluator], evaluators: list[Evaluator],
@@ -255,10 +267,10 @@ def _budget(objective: Objective, identify: Evaluator, control_id: list[Evaluato
     }
 
 
-def _with_recurrence(runs: list[LocateResult], seeds: list[int], k: int) -> LocateResult:
+def _with_recurrence(runs: list[LocateResult], seeds: list[int], k: int | str) -> LocateResult:
     """The first seed's result, with how often each head recurs in the seeds' top-k and their pairwise
     overlaps."""
-    tops = [r.top_heads(k) for r in runs]
+    tops = [r.top_heads(None if k == AUTO_K else k) for r in runs]
     counts: dict[str, int] = {}
     for top in tops:
         for h in top:

@@ -185,8 +185,8 @@ def neurons(model: ModelSpec | str | LoadedModel = DEFAULT_MODEL, task: TaskSpec
         scores = rt.evaluator(t, items, components="neurons").evaluate([[], located_a, random_set]).scores
         t_metric = metric if label == "task" else t.identification_metric
         entry = {"task": t.config(), "n": len(items), "metric": t_metric,
-                 "located": score_summary(scores[t_metric][0], scores[t_metric][1], seed),
-                 "random": score_summary(scores[t_metric][0], scores[t_metric][2], seed)}
+                 "located": score_summary(scores[t_metric][0], scores[t_metric][1], seed, t_metric),
+                 "random": score_summary(scores[t_metric][0], scores[t_metric][2], seed, t_metric)}
         if "acc" in scores and t_metric != "acc":
             entry["located_acc"] = score_summary(scores["acc"][0], scores["acc"][1], seed)
             entry["random_acc"] = score_summary(scores["acc"][0], scores["acc"][2], seed)
@@ -197,8 +197,8 @@ def neurons(model: ModelSpec | str | LoadedModel = DEFAULT_MODEL, task: TaskSpec
             [[], located_a, random_set]).scores
         # "drop" < 0 is an improvement; the random neurons scaled alike are the control
         enhancement.append({"factor": float(factor), "metrics": {
-            m: score_summary(enhanced[m][0], enhanced[m][1], seed) for m in enhanced},
-            "random_metrics": {m: score_summary(enhanced[m][0], enhanced[m][2], seed) for m in enhanced}})
+            m: score_summary(enhanced[m][0], enhanced[m][1], seed, m) for m in enhanced},
+            "random_metrics": {m: score_summary(enhanced[m][0], enhanced[m][2], seed, m) for m in enhanced}})
     per_layer = np.bincount([i // layout.n_units for i in located_a], minlength=layout.n_layers)
     report = NeuronsResult(
         model=lm.describe(), task=task_obj.config(), n=n, seed=seed,

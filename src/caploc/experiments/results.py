@@ -5,7 +5,9 @@ back and checks it). Results also read as mappings of that JSON form (`result["h
 transformers' ModelOutput does, so code written against caploc 0.1's plain dicts keeps working.
 
 Schema versions: 1 = caploc 0.1 (no `schema_version` field; `load()` upgrades it: a locate run without
-`task_options` gets them from its task config), 2 = this version.
+`task_options` gets them from its task config), 2 = caploc 0.2, 3 = this version: the `relative_drop` of a
+log-probability metric is the share of the answer's probability removed, 1 - exp(-drop) (`stats.share_removed`;
+older files are upgraded from their `drop`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,22 @@ from typing import Any, ClassVar
 
 from caploc.errors import CaplocError
 from caploc.files import read_json, write_json
+from caploc.stats import LOG_PROBABILITIES
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+
+def _reshare(summary, metric: str) -> None:
+    """A summary (or a curve of them) written before schema 3: a log-probability's relative drop as the share
+    of probability removed."""
+    for point in summary if isinstance(summary, list) else [summary]:
+        if metric in LOG_PROBABILITIES and isinstance(point, dict) and "drop" in point:
+            point["relative_drop"] = -math.expm1(-point["drop"])
+
+
+def _reshare_all(by_metric: dict | None) -> None:
+    for metric, summary in (by_metric or {}).items():
+        _reshare(summary, metric)
 
 
 def _optional():
@@ -129,6 +145,11 @@ class EvaluateResult(Result):
     warnings: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def upgrade(cls, data: dict, version: int) -> None:
+        if version < 3:
+            _reshare_all(data.get("metrics"))
+
 
 @dataclass
 class LocateResult(Result):
@@ -167,6 +188,10 @@ class LocateResult(Result):
 
     @classmethod
     def upgrade(cls, data: dict, version: int) -> None:
+        if version < 3:
+            for curves in (data.get("identification"), data.get("validation"),
+                           *(data.get("control_validation") or {}).values()):
+                _reshare_all(curves)
         if "task_options" not in data:  # 0.1 runs before task_options recorded only the task's config
             config = data.get("task", {})
             options = {k: config[k] for k in ("shots", "data", "chat") if config.get(k) is not None}
@@ -203,6 +228,13 @@ class SpecificityResult(Result):
     mode: str = "zero"
     wall_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def upgrade(cls, data: dict, version: int) -> None:
+        if version < 3:
+            for row in (data.get("tasks") or {}).values():
+                _reshare(row, row.get("metric"))
+                _reshare_all(row.get("metrics"))
 
 
 @dataclass
@@ -264,6 +296,16 @@ class NeuronsResult(Result):
     enhancement: list[dict]
     fingerprints: dict
     wall_seconds: float = 0.0
+
+    @classmethod
+    def upgrade(cls, data: dict, version: int) -> None:
+        if version < 3:
+            for entry in (data.get("ablation") or {}).values():
+                _reshare(entry.get("located"), entry.get("metric"))
+                _reshare(entry.get("random"), entry.get("metric"))
+            for e in data.get("enhancement") or []:
+                _reshare_all(e.get("metrics"))
+                _reshare_all(e.get("random_metrics"))
 
 
 @dataclass

@@ -58,7 +58,7 @@ def specificity(model: ModelSpec | str | LoadedModel | None = None, heads: str |
         metrics, fingerprint = {}, None
         for evaluator in rt.evaluators(task, items):
             result = evaluator.evaluate([[], mask])
-            metrics |= {m: score_summary(v[0], v[1], suite.seed) for m, v in result.scores.items() if m not in metrics}
+            metrics |= {m: score_summary(v[0], v[1], suite.seed, m) for m, v in result.scores.items() if m not in metrics}
             fingerprint = fingerprint or evaluator.task_fingerprint
         rows[task.name] = {"task": task.config(), "n": len(items), "offset": offset, "metric": task.default_metric,
                            **metrics[task.default_metric], "metrics": metrics, "task_fingerprint": fingerprint}

@@ -7,14 +7,15 @@ from caploc.methods.attribution import AttributionPatching
 from caploc.methods.base import (DEFAULT_PENALTY, DEFAULT_TOLERANCE, METHODS, Method, MethodResult, NotEvaluated,
                                  Objective, make_method, register_method)
 from caploc.methods.compressed_sensing import CompressedSensing, bernoulli_design, stratified_design
-from caploc.methods.exchange import DEFAULT_SWAPS
+from caploc.methods.exchange import DEFAULT_EXCHANGE, DEFAULT_SWAPS
 from caploc.methods.greedy import Greedy, OneShotGreedy, RestrictedGreedy
 from caploc.methods.hyper_search import HyperSearch
-from caploc.methods.refine import DEFAULT_CANDIDATES, DEFAULT_EXCHANGE, SCREENS, ScreenRefine
+from caploc.methods.joint import JointSearch
+from caploc.methods.refine import DEFAULT_CANDIDATES, SCREENS, ScreenRefine
 
 DEFAULT_METHOD = "refine"  # the only method both specific and reproducible across seeds (docs/results.md)
 
 __all__ = ["Method", "MethodResult", "Objective", "NotEvaluated", "CompressedSensing", "Greedy", "OneShotGreedy",
-           "RestrictedGreedy", "HyperSearch", "AttributionPatching", "ScreenRefine", "METHODS", "SCREENS",
+           "RestrictedGreedy", "HyperSearch", "JointSearch", "AttributionPatching", "ScreenRefine", "METHODS", "SCREENS",
            "DEFAULT_METHOD", "DEFAULT_CANDIDATES", "DEFAULT_EXCHANGE", "DEFAULT_SWAPS", "DEFAULT_PENALTY",
            "DEFAULT_TOLERANCE", "make_method", "register_method", "bernoulli_design", "stratified_design"]

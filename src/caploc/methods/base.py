@@ -1,17 +1,19 @@
 """What every localization method shares: an objective over ablation sets, the ranked result, and the registry.
 
 The objective answers, for any masks, the drop of the target metric and (control-aware localization) the
-relative drop of one or more control tasks' metrics on the same masks, and combines them into one criterion:
+drop of one or more control tasks' metrics on the same masks, and combines them into one criterion:
 
-    specificity = (1 - exp(-target_drop / |target_baseline|)) - penalty * max(control_drop, 0)
-    (with a tolerance: -BARRIER * (1 + control_drop - tolerance) instead, when control_drop > tolerance)
+    specificity = target_share - penalty * control_damage
+    (with a tolerance: -BARRIER * (1 + control_damage - tolerance) instead, when control_damage > tolerance)
 
-where control_drop is the mean over control tasks of max(drop / |baseline|, 0): the share of the capability a
-head set removes, minus `penalty` times the share of the control capabilities it removes. Improving a control
-earns nothing and does not pay for damage to another. The target's share saturates: it equals the relative
-drop for small drops and never exceeds 1, because a log-probability's relative drop is unbounded, and a linear
-share would let breaking a capability ever further buy any damage elsewhere; saturated, breaking a capability
-is worth at most 1 and the control decides between sets that break it. `tolerance` (off by default) makes the
+the share of the capability a head set removes, minus `penalty` times the share of the control capabilities
+it removes. For a log-probability of the answer the share is of the answer's probability, 1 - exp(-drop) (per
+token for per-token metrics); for a score (accuracy, a logit difference) it is 1 - exp(-drop / |baseline|).
+control_damage is the mean over the control tasks of max(share removed, 0): improving a control earns nothing
+and does not pay for damage to another. The target's share saturates at 1, so breaking a capability ever
+further cannot buy damage elsewhere: the control decides between sets that break it. Neither depends on how
+confident the model is (a relative drop of a log-probability does: from a baseline of -0.02 nats any head
+"removes" thousands of percent). `tolerance` (off by default) makes the
 control a constraint as well: a head set that costs the control more than that share ranks below every set
 that does not, and among such sets the smaller excess ranks first. Without a control task the criterion is
 the plain target drop, the paper's objective. Every per-item score the objective sees is kept, so
@@ -31,10 +33,12 @@ import numpy as np
 from caploc.evaluator import Evaluator
 from caploc.masks import Masks
 from caploc.params import Configurable, Registry
+from caploc.stats import LOG_PROBABILITIES, share_removed
 
 DEFAULT_PENALTY = 1.0
 DEFAULT_TOLERANCE = None  # off: with the small control sets locate uses, the constraint follows their noise
 BARRIER = 1e6  # below any attainable score: past the tolerance, only the control's excess decides
+MIN_RATIO = 1e-12  # the mean probability ratio below which a target counts as removed
 
 
 class NotEvaluated(KeyError):
@@ -74,6 +78,7 @@ class Objective:
         self.penalty = float(penalty)
         self.tolerance = None if tolerance is None else float(tolerance)
         self.n_components = evaluator.n_components
+        self.per_layer = getattr(evaluator, "per_layer", None)  # None: no layer structure (a stand-in)
         self.requested = 0  # masks this objective asked for on the target (a method's budget, cached or not)
         self.control_requested = 0  # masks it asked for on the controls (every one, unless a method bounds them)
         # what the method saw, by mask key (the evidence bootstrap replays answer from)
@@ -121,14 +126,36 @@ class Objective:
         return np.array([_mean(t, self.weights[0]) for t in self.target_items(masks)])
 
     def drops(self, masks: Masks) -> np.ndarray:
-        return self.baseline - self.scores(masks)
+        """Per mask, the target's drop: the mean drop of the metric; with controls and a log-probability, the
+        drop of the items' mean probability ratio (`item_share`), so that its share is averaged per item."""
+        if not self.per_item:
+            return self.baseline - self.scores(masks)
+        return np.array([self.as_drop(self.item_share(t)) for t in self.target_items(masks)])
+
+    @property
+    def per_item(self) -> bool:
+        """Whether the target's share is taken per item (a log-probability under the control-aware criterion):
+        once most items' answers are gone, a set that also removes the rest's ranks higher, where the share of
+        the mean drop would already be saturated."""
+        return self.has_control and self.metric in LOG_PROBABILITIES
+
+    def item_share(self, scores: np.ndarray) -> float:
+        """The mean over items of the share of each answer's probability removed, 1 - p'/p (an item whose
+        answer became more likely counts at most -1)."""
+        shares = np.clip(-np.expm1(-(self.baseline_items - scores)), -1.0, 1.0)
+        return float(_mean(shares, self.weights[0]))
+
+    @staticmethod
+    def as_drop(share: float) -> float:
+        """The drop whose share (1 - exp(-drop)) is `share`: -log(1 - share), finite."""
+        return float(-np.log(max(1.0 - share, MIN_RATIO)))
 
     def control_drops(self, masks: Masks) -> np.ndarray:
-        """Per mask, the control damage: the mean over the control tasks of each one's relative drop, an
-        improvement counting as 0."""
+        """Per mask, the control damage: the mean over the control tasks of the share of each one removed
+        (`stats.share_removed`), an improvement counting as 0."""
         bases = self.control_baselines()
-        return np.array([np.mean([max((b - _mean(c, w)) / (abs(b) or 1.0), 0.0)
-                                  for c, b, w in zip(cs, bases, self.weights[1:])])
+        return np.array([np.mean([max(float(share_removed(b - _mean(c, w), b, m)), 0.0)
+                                  for c, b, w, m in zip(cs, bases, self.weights[1:], self.control_metrics)])
                          for cs in self.control_items(masks)])
 
     def responses(self, masks: Masks) -> tuple[np.ndarray, np.ndarray | None]:
@@ -138,8 +165,12 @@ class Objective:
         return target, (self.control_drops(masks) if self.controls else None)
 
     def target_share(self, target_drop: np.ndarray) -> np.ndarray:
-        """The saturating share of the target capability a drop removes: 1 - exp(-drop / |baseline|)."""
-        return -np.expm1(-np.asarray(target_drop, dtype=np.float64) / (abs(self.baseline) or 1.0))
+        """The saturating share of the target capability a drop removes: of a log-probability, the share of
+        the answer's probability, 1 - exp(-drop); of a score, 1 - exp(-drop / |baseline|)."""
+        target_drop = np.asarray(target_drop, dtype=np.float64)
+        if self.metric in LOG_PROBABILITIES:
+            return -np.expm1(-target_drop)
+        return -np.expm1(-target_drop / (abs(self.baseline) or 1.0))
 
     def upper_bound(self, target_drop: np.ndarray) -> np.ndarray:
         """What the criterion can be at most, given the target drop alone: the control only ever subtracts."""
@@ -178,7 +209,7 @@ class Objective:
     # -- first-order estimates -------------------------------------------------------------------------
     def item_gradients(self, ablated=()) -> tuple[np.ndarray, list[np.ndarray]]:
         """Per item, d metric / d (multiplier of each head) at 1, with the heads in `ablated` held at 0:
-        [n_items, n_heads] for the target and for each control. Computed once per ablated set."""
+        [n_items, n_components] for the target and for each control. Computed once per ablated set."""
         key = _point(ablated)
         if key not in self._gradients:
             at = sorted(key)
@@ -186,17 +217,34 @@ class Objective:
                                     [c.gradients(m, at) for c, m in zip(self.controls, self.control_metrics)])
         return self._gradients[key]
 
+    def gradients_at(self, multipliers: np.ndarray) -> tuple[np.ndarray, float, list[tuple[np.ndarray, float]]]:
+        """At any component multipliers (1 intact, 0 ablated, between: partly): d target drop / d ablation
+        amount (s = 1 - multiplier) [n_components] and the target drop (`drops`' kind), and for every control
+        its mean gradient d metric / d multiplier and mean value."""
+        grads, values = self.evaluator.gradients_and_scores(self.metric, multipliers=multipliers)
+        controls = [c.gradients_and_scores(m, multipliers=multipliers) for c, m in zip(self.controls,
+                                                                                       self.control_metrics)]
+        controls = [(_mean(g.T, w), float(_mean(v, w))) for (g, v), w in zip(controls, self.weights[1:])]
+        if not self.per_item:
+            return _mean(grads.T, self.weights[0]), self.baseline - float(_mean(values, self.weights[0])), controls
+        # drop = -log(mean_i r_i), r_i = exp(-(b_i - v_i)) clipped to <= 2: d drop / d s = mean_i r_i g_i / mean r
+        ratios = np.exp(-(self.baseline_items - values))
+        live = (ratios <= 2.0).astype(np.float64)
+        mean_ratio = max(1.0 - self.item_share(values), MIN_RATIO)
+        return (_mean((ratios * live)[:, None].T * grads.T, self.weights[0]) / mean_ratio,
+                self.as_drop(self.item_share(values)), controls)
+
     def estimated_drops(self, ablated=()) -> tuple[np.ndarray, np.ndarray | None]:
         """First-order estimate of each head's ablation drop (multiplier 1 -> 0 changes the metric by about
         minus the gradient), on top of the heads in `ablated`: the target's in metric units, the controls'
-        as damage (mean over the controls of each relative drop, improvements as 0). Both are changes from the
+        as damage (mean over the controls of each share removed, improvements as 0). Both are changes from the
         `ablated` point, so with a non-empty set they are the marginal drops a further head would add."""
         target, controls = self.item_gradients(ablated)
         estimate = _mean(target.T, self.weights[0])
         if not self.controls:
             return estimate, None
-        control = np.mean([np.maximum(_mean(g.T, w) / (abs(b) or 1.0), 0.0)
-                           for g, w, b in zip(controls, self.weights[1:], self.control_baselines())], axis=0)
+        control = np.mean([np.maximum(share_removed(_mean(g.T, w), b, m), 0.0) for g, w, b, m in
+                           zip(controls, self.weights[1:], self.control_baselines(), self.control_metrics)], axis=0)
         return estimate, control
 
     # -- bootstrap ---------------------------------------------------------------------------------------

@@ -21,21 +21,21 @@ from caploc.params import Param
 DESIGNS = ("bernoulli", "stratified")
 
 
-def bernoulli_design(n_masks: int, n_heads: int, sparsity: float, seed: int) -> np.ndarray:
+def bernoulli_design(n_masks: int, n_components: int, sparsity: float, seed: int) -> np.ndarray:
     """X[j, i] ~ Bernoulli(p), i.i.d."""
     rng = np.random.default_rng([seed, 0xB])
-    return rng.random((n_masks, n_heads)) < sparsity
+    return rng.random((n_masks, n_components)) < sparsity
 
 
-def stratified_design(n_masks: int, n_heads: int, sparsity: float, seed: int) -> np.ndarray:
+def stratified_design(n_masks: int, n_components: int, sparsity: float, seed: int) -> np.ndarray:
     """Every mask ablates exactly round(p*N) heads: the least-used so far, random tie-breaks.
     Column sums differ by at most 1, and the first m rows of a larger design are the m-row design."""
-    per_mask = max(1, int(round(sparsity * n_heads)))
+    per_mask = max(1, int(round(sparsity * n_components)))
     rng = np.random.default_rng([seed, 0x5])
-    usage = np.zeros(n_heads, dtype=np.int64)
-    design = np.zeros((n_masks, n_heads), dtype=bool)
+    usage = np.zeros(n_components, dtype=np.int64)
+    design = np.zeros((n_masks, n_components), dtype=bool)
     for j in range(n_masks):
-        order = np.lexsort((rng.random(n_heads), usage))  # least used first, ties broken at random
+        order = np.lexsort((rng.random(n_components), usage))  # least used first, ties broken at random
         design[j, order[:per_mask]] = True
         usage[order[:per_mask]] += 1
     return design
@@ -47,10 +47,10 @@ def check_design(design: str, n_masks: int, sparsity: float) -> None:
     require(n_masks >= 2, "compressed sensing needs at least 2 masks ({n_masks})", "n_masks")
 
 
-def make_design(design: str, n_masks: int, n_heads: int, sparsity: float, seed: int) -> np.ndarray:
+def make_design(design: str, n_masks: int, n_components: int, sparsity: float, seed: int) -> np.ndarray:
     check_design(design, n_masks, sparsity)
     fn = bernoulli_design if design == "bernoulli" else stratified_design
-    return fn(n_masks, n_heads, sparsity, seed)
+    return fn(n_masks, n_components, sparsity, seed)
 
 
 def fit_lasso(design: np.ndarray, delta: np.ndarray, alpha, seed: int) -> dict:

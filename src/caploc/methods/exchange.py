@@ -23,16 +23,24 @@ evaluated; its resamples of the resample are drawn uniformly.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Annotated
 
 import numpy as np
 
 from caploc.methods.base import NotEvaluated, Objective
 from caploc.methods.greedy import bounded_effects
+from caploc.params import Param
 
 IMPROVEMENT = 1e-9  # a swap must raise the criterion by more than rounding to be taken (no cycling on ties)
 RESAMPLES = 200  # bootstrap resamples of the identification items that decide whether a swap is kept
 CONFIDENCE = 0.95  # the share of them in which it must raise the criterion
 DEFAULT_SWAPS = 8  # swaps a pass evaluates exactly: the best estimates
+DEFAULT_EXCHANGE = 1  # passes after a search: one tests the set against its closest competitors
+# the parameters of the methods that end with exchange passes (refine, joint), declared once
+PASSES = Annotated[int, Param(f"refine, joint: passes of exact head swaps after the search (a swap is kept only if "
+                              f"it raises the criterion in {CONFIDENCE:.0%} of bootstrap resamples of the items; 0 "
+                              f"for none)", flag="--exchange")]
+SWAPS = Annotated[int, Param("refine, joint: swaps each exchange pass evaluates exactly", flag="--swaps")]
 
 
 Marginals = Callable[[list[int]], tuple[np.ndarray, "np.ndarray | None"]]

@@ -17,13 +17,14 @@ def _effects(objective: Objective, masks: Masks):
     return objective.specificity(target, control), target, control
 
 
-def bounded_effects(objective: Objective, masks: Masks, best: float = -np.inf):
+def bounded_effects(objective: Objective, masks: Masks, best: float = -np.inf, keep: int = 1):
     """A greedy round keeps only the best mask by the criterion, and the criterion is at most what the target
     drop alone gives (`Objective.upper_bound`: the control only subtracts). So the controls are evaluated in
     order of that bound, CONTROL_BATCH masks at a time, until no remaining mask's bound reaches the best
-    criterion found (or `best`, a criterion the caller already has and a mask must reach to matter): the
-    round chooses what evaluating every control would choose (ties included), and masks left out keep a NaN
-    control drop and criterion. A bootstrap replay skips masks whose controls the run did not evaluate."""
+    criterion found (or `best`, a criterion the caller already has and a mask must reach to matter; with
+    `keep` > 1, the keep-th best): the round chooses what evaluating every control would choose (ties
+    included), and masks left out keep a NaN control drop and criterion. A bootstrap replay skips masks whose
+    controls the run did not evaluate."""
     target = objective.drops(masks)
     if not objective.has_control:
         return target.copy(), target, None
@@ -37,7 +38,9 @@ def bounded_effects(objective: Objective, masks: Masks, best: float = -np.inf):
             break
         control[batch] = objective.control_drops(masks[batch])
         scores[batch] = objective.specificity(target[batch], control[batch])
-        best = max(best, float(np.max(scores[batch])))
+        found = np.sort(scores[~np.isnan(scores)])[::-1]
+        if len(found) >= keep:
+            best = max(best, float(found[keep - 1]))
     return scores, target, control
 
 

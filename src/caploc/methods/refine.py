@@ -27,7 +27,7 @@ from caploc.errors import require
 from caploc.methods.attribution import AttributionPatching
 from caploc.methods.base import Method, MethodResult, NotEvaluated, Objective, make_method, register_method
 from caploc.methods.compressed_sensing import ALPHA, MASKS, SPARSITY
-from caploc.methods.exchange import CONFIDENCE, DEFAULT_SWAPS, exchange
+from caploc.methods.exchange import DEFAULT_EXCHANGE, DEFAULT_SWAPS, PASSES, SWAPS, exchange
 from caploc.methods.greedy import RestrictedGreedy
 from caploc.params import Param
 
@@ -36,7 +36,6 @@ SCREENS = ("atp", "csb", "css")
 # short list sees the heads that matter then; a regression screen is not redone, so it keeps a wider list
 # (docs/results.md has the measurements)
 DEFAULT_CANDIDATES = {"atp": 8, "csb": 16, "css": 16}
-DEFAULT_EXCHANGE = 1  # exact swap passes after the greedy: one tests the set against its closest competitors
 
 
 @register_method("refine")
@@ -50,12 +49,7 @@ class ScreenRefine(Method):
                  n_candidates: Annotated[int | None, Param(
                      "refine: candidates greedy decides among (default 8 with the atp screen, re-taken every "
                      "round; 16 with csb or css)", flag="--candidates")] = None,
-                 exchange_passes: Annotated[int, Param(
-                     f"refine: passes of exact head swaps after its greedy (a swap is kept only if it raises the "
-                     f"criterion in {CONFIDENCE:.0%} of bootstrap resamples of the items; 0 for none)",
-                     flag="--exchange")] = DEFAULT_EXCHANGE,
-                 exchange_swaps: Annotated[int, Param("refine: swaps each exchange pass evaluates exactly",
-                                                      flag="--swaps")] = DEFAULT_SWAPS,
+                 exchange_passes: PASSES = DEFAULT_EXCHANGE, exchange_swaps: SWAPS = DEFAULT_SWAPS,
                  n_masks: MASKS = 100, sparsity: SPARSITY = 0.05, alpha: ALPHA = "cv", seed: int = 0):
         require(screen in SCREENS, f"unknown {{screen}} {screen!r}: choose one of {', '.join(SCREENS)}", "screen")
         require(n_candidates is None or n_candidates >= 1, "{n_candidates} must be positive", "n_candidates")

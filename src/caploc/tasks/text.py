@@ -3,13 +3,16 @@
 
 `text_stream()` is the ordered text; `TextPerplexity` (task `text`) scores chunks of it as known targets (the
 chunk after its first words), so perplexity = exp(-sum of target log-probabilities / target tokens) goes
-through the one evaluator like any task. Chunks come from the stream's last `held_out` share, which SAE
+through the one evaluator like any task (`token_logprob`, the chunk's log-probability per token, is what
+localization uses). Chunks come from the stream's last `held_out` share, which SAE
 training (`density`) never reads. As a control task (`locate --control general,text`) it measures what
 multiple-choice answers do not: whether the model still models ordinary prose. Heads that process tokens
 for every task (layers 0-2 here) cost little on `general` and a lot on `text`.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from caploc.tasks.base import Item, TargetTask, register_task
 
@@ -34,6 +37,19 @@ def split_stream(held_out: float = HELD_OUT_SHARE) -> tuple[str, str]:
 class TextPerplexity(TargetTask):
     name = "text"
     default_metric = "logprob"
+    linear_metrics = ("logprob", "token_logprob")
+
+    def metric_names(self) -> tuple[str, ...]:
+        return ("acc", "logprob", "token_logprob")
+
+    @property
+    def identification_metric(self) -> str:
+        """The chunks' log-probability per token: a chunk's share of probability is per token."""
+        return "token_logprob"
+
+    def process_loglikelihoods(self, items, logprob, greedy, lengths=None):
+        out = super().process_loglikelihoods(items, logprob, greedy, lengths)
+        return out | {"token_logprob": out["logprob"] / np.array([n[0] for n in lengths])[None]}
 
     def __init__(self, chunk_chars: int = 200):  # about 45 tokens of SmolLM2 per chunk
         super().__init__(shots=0, chat=False)

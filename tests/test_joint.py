@@ -1,0 +1,70 @@
+"""Joint search for head groups no one-head-at-a-time method reaches: a planted redundant pair, gates that are
+exact ablation at 0 and 1, `--k auto`, and replays."""
+
+import numpy as np
+import pytest
+
+from caploc import Criterion, EvalOptions, LocateOptions, TaskSpec, locate
+from caploc.evaluator import Evaluator
+from caploc.methods import AttributionPatching, Greedy, JointSearch, Objective, make_method
+from caploc.methods.joint import project_capped_simplex
+from tiny import DECOY, REDUNDANT
+
+
+def _objective(redundant, controls=()):
+    lm, task = redundant
+    return Objective(Evaluator(lm, task, task.items(24, seed=0)), "logprob",
+                     [Evaluator(lm, t, t.items(8, seed=0)) for t in controls])
+
+
+def test_the_planted_pair_is_redundant(redundant):
+    lm, _ = redundant
+    a, b = (lm.layout.index(h) for h in REDUNDANT)
+    drops = _objective(redundant).drops(_objective(redundant).set_masks([[a], [b], [a, b],
+                                                                         [lm.layout.index(DECOY)]]))
+    assert abs(drops[0]) < 0.1 and abs(drops[1]) < 0.1  # alone: nothing
+    assert drops[2] > 2.0 and drops[2] > drops[3] + 1.0  # together: more than the best single head
+
+
+def test_joint_finds_the_pair_that_greedy_atp_and_refine_miss(redundant):
+    lm, _ = redundant
+    pair = {lm.layout.index(h) for h in REDUNDANT}
+    joint = JointSearch().run(_objective(redundant), 2)
+    assert set(joint.top(2)) == pair
+    assert joint.details["elimination"][-1]["heads"] == sorted(pair, key=joint.top(2).index)
+    assert set(Greedy().run(_objective(redundant), 2).top(2)) != pair
+    assert set(AttributionPatching().run(_objective(redundant), 2).top(2)) != pair
+    assert set(make_method("refine").run(_objective(redundant), 2).top(2)) != pair
+
+
+def test_gates_at_exactly_zero_and_one_are_exact_ablation(redundant):
+    lm, task = redundant
+    evaluator = Evaluator(lm, task, task.items(6, seed=1))
+    rng = np.random.default_rng(0)
+    masks = rng.random((3, lm.layout.n_total)) < 0.3
+    exact = evaluator.evaluate(masks).scores["logprob"]
+    for mask, scores in zip(masks, exact):
+        _, at_gates = evaluator.gradients_and_scores("logprob", multipliers=(~mask).astype(float))
+        np.testing.assert_allclose(at_gates, scores, atol=1e-5)
+
+
+def test_k_auto_keeps_the_smallest_set_that_removes_most_of_the_group(redundant):
+    lm, task = redundant
+    run = locate(lm, TaskSpec(task, n=16, n_validate=8), "joint", k="auto", criterion=Criterion(control="none"),
+                 options=LocateOptions(bootstrap=5), evaluation=EvalOptions(store=False))
+    curve = run.details["elimination"]
+    assert run.k == run.details["k"] == len(run.heads) and run.extra["k_asked"] == "auto"
+    keep = 0.9 * curve[0]["target_drop"]
+    smallest = min(c["size"] for c in curve if c["target_drop"] >= keep)
+    assert run.k == smallest and {h["head"] for h in run.heads} >= {str(h) for h in REDUNDANT}
+    assert len(run.stability["selection_frequency"]) == lm.layout.n_total  # replays ran on the stored scores
+    with pytest.raises(Exception, match="k auto needs a method that chooses the size"):
+        locate(lm, TaskSpec(task, n=4), "atp", k="auto", evaluation=EvalOptions(store=False))
+
+
+def test_the_capped_simplex_projection():
+    s = np.array([0.9, 0.8, 0.5, 0.1, -0.2, 1.4])
+    p = project_capped_simplex(s, 2.0)
+    assert abs(p.sum() - 2.0) < 1e-9 and p.min() >= 0 and p.max() <= 1
+    assert list(np.argsort(-p)[:3]) == [5, 0, 1]
+    np.testing.assert_allclose(project_capped_simplex(np.array([0.2, 0.3]), 2.0), [0.2, 0.3])
