@@ -16,13 +16,16 @@ the benchmark then reports, per task and method:
   induction and IOI: the same from locate's own attention check (IOI: attention from the last token to the
   indirect object, Wang et al.'s name movers).
 
-Methods run as the paper defines them (no control: greedy, 1s-greedy, csb, css, atp) and as caploc's
-control-aware default (`refine`, control `general`), plus any --extra refine variants; `greedy+control` is
-iterative greedy under the default's criterion (refine over every head), run on --greedy-seeds like greedy.
-Percentages are of the paper's greedy.
+Methods run as the paper defines them (no control: greedy, 1s-greedy, csb, css, atp), as caploc's
+control-aware default (`refine`, control `general`), and the joint search (`joint`, controls `general` and
+`text`), plus any --extra refine variants; `greedy+control` is iterative greedy under the default's criterion
+(refine over every head), run on --greedy-seeds like greedy. Percentages are of the paper's greedy. On IOI,
+every run also measures which heads take over when its set is ablated (the backup name movers): the gradient
+on top of the set nominates 10 heads, and each one's exact drop on top of the set is set against its drop
+alone.
 
-Usage: python bench/locate_quality.py [--tasks arithmetic,induction,ioi] [--seeds 0,1,2] [--n 40]
-       [--greedy-seeds 0] [--json bench/locate_quality.json]
+Usage: python bench/locate_quality.py [--tasks arithmetic,induction,ioi] [--methods refine,joint,greedy]
+       [--seeds 0,1,2] [--n 40] [--greedy-seeds 0] [--json bench/locate_quality_TASKS.json]
 """
 
 from __future__ import annotations
@@ -66,8 +69,9 @@ def main():
     parser.add_argument("--extra", default="", help="refine variants, e.g. 'css:16,atp:24,atp:8:2' "
                         "(screen:candidates[:exchange passes])")
     parser.add_argument("--store", default="bench/locate_quality.sqlite")
-    parser.add_argument("--json", default="bench/locate_quality.json")
+    parser.add_argument("--json", default=None, help="default: bench/locate_quality_TASKS.json")
     args = parser.parse_args()
+    args.json = args.json or f"bench/locate_quality_{args.tasks.replace(',', '-')}.json"
 
     lm = load_model(args.model, dtype=args.dtype)
     store = EvalStore(args.store)

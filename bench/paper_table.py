@@ -36,6 +36,7 @@ from caploc.tasks.arithmetic import SUBTASKS
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PAPER_METHODS = {"css": {"n_masks": 100, "sparsity": 0.05}, "1s-greedy": {}}
+CONTROLS = {"refine": "general", "joint": "general,text"}  # the paper's methods run without a control
 
 
 def task_spec(name: str) -> dict:
@@ -66,8 +67,9 @@ def main():
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--tasks", default="2D+,mbpp,humaneval")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default="refine,css,1s-greedy", help="refine runs on every seed, the others "
-                        "on the first")
+    parser.add_argument("--methods", default="refine,css,1s-greedy", help="the methods; those in --every-seed run "
+                        "on every seed, the others on the first")
+    parser.add_argument("--every-seed", default="refine,joint")
     parser.add_argument("--n", type=int, default=30, help="identification items")
     parser.add_argument("--n-heldout", type=int, default=100, help="held-out items for the real metric")
     parser.add_argument("--n-general", type=int, default=100, help="held-out general items")
@@ -94,11 +96,11 @@ def main():
         row = tables.get(name, {"task": name, "runs": {}})
         started = time.perf_counter()
         for method in methods:
-            for seed in seeds if method == "refine" else seeds[:1]:
+            for seed in seeds if method in args.every_seed.split(",") else seeds[:1]:
                 label = f"{method} seed {seed}"
                 if label in row["runs"]:
                     continue
-                control = "general" if method == "refine" else "none"
+                control = CONTROLS.get(method, "none")
                 # held-out items for the real metric come from the first seed's order; the locate's own
                 # validation is small for the other seeds (only their heads are compared)
                 n_validate = args.n_heldout if seed == seeds[0] else 10
@@ -117,8 +119,12 @@ def main():
                 write(out, args, tables)
         held_out = held_out_table(lm, task, row, args, seeds[0], store, general)
         row["held_out"] = held_out
-        tops = [set(row["runs"][f"refine seed {s}"]["top"]) for s in seeds if f"refine seed {s}" in row["runs"]]
-        row["overlap"] = [len(a & b) for a, b in itertools.combinations(tops, 2)]
+        row["overlap"] = {}
+        for method in args.every_seed.split(","):
+            tops = [set(row["runs"][f"{method} seed {s}"]["top"]) for s in seeds if f"{method} seed {s}" in row["runs"]]
+            if len(tops) > 1:
+                row["overlap"][method] = {"pairwise": [len(a & b) for a, b in itertools.combinations(tops, 2)],
+                                          "in_every_seed": sorted(set.intersection(*tops))}
         row["seconds_total"] = round(row.get("seconds_total", 0) + time.perf_counter() - started, 1)
         tables[name] = row
         write(out, args, tables)
@@ -190,8 +196,9 @@ def print_table(tables, args) -> None:
         print(f"| {name} | random x{len(held['random_sets'])} | - | {metric} {r[metric]['baseline']:.3f} -> "
               f"{r[metric]['ablated']:.3f} ({r[metric]['relative_drop']:.0%}) | - | "
               f"{r['general_acc']['baseline']:.3f} -> {r['general_acc']['ablated']:.3f} | - | - |")
-        if row.get("overlap"):
-            print(f"| {name} | refine: top-5 overlap across seeds | {row['overlap']} | | | | | |")
+        for method, overlap in (row.get("overlap") or {}).items():
+            print(f"| {name} | {method}: top-5 overlap across seeds | {overlap['pairwise']}, in every seed: "
+                  f"{','.join(overlap['in_every_seed'])} | | | | | |")
 
 
 if __name__ == "__main__":

@@ -62,19 +62,23 @@ def byte_tokenizer():
 
 
 PLANTED = [Head(1, 3), Head(2, 5), Head(3, 0)]
+
+
+def _four_by_eight():
+    """The seeded random Llama the planted models start from: 4 layers x 8 heads of dimension 8, 4 KV heads."""
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=8, initializer_range=0.2,
+                            tie_word_embeddings=False)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def planted_model():
     """4 layers x 8 heads; every head's output projection is zero except the planted ones (scaled up),
     so ablating any other head has exactly no effect."""
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                            num_attention_heads=8, num_key_value_heads=4, head_dim=8, initializer_range=0.2,
-                            tie_word_embeddings=False)
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    layout = arch.head_layout(model)
-    head_site(model).zero_columns([h for h in layout.all_heads() if h not in PLANTED])
+    model = _four_by_eight()
+    head_site(model).zero_columns([h for h in arch.head_layout(model).all_heads() if h not in PLANTED])
     with torch.no_grad():
         for h in PLANTED:
             arch.attn_out_projs(model)[h.layer].weight[:, h.head * 8:(h.head + 1) * 8] *= 4
@@ -120,13 +124,8 @@ def redundant_model():
     queries, keys and values, the same output columns, scaled up so that either alone dominates the residual:
     after the final norm one copy writes what two do), and DECOY, an ordinary head. Ablating either copy costs
     nothing; ablating both removes the answer (planted task: the intact model's own preferences)."""
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                            num_attention_heads=8, num_key_value_heads=4, head_dim=8, initializer_range=0.2,
-                            tie_word_embeddings=False)
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    layout = arch.head_layout(model)
-    head_site(model).zero_columns([h for h in layout.all_heads() if h not in (*REDUNDANT, DECOY)])
+    model = _four_by_eight()
+    head_site(model).zero_columns([h for h in arch.head_layout(model).all_heads() if h not in (*REDUNDANT, DECOY)])
     a, b = REDUNDANT
     with torch.no_grad():
         attention = model.model.layers[a.layer].self_attn

@@ -13,7 +13,7 @@ it, and at the intact model its gradient is flat. `joint` proposes heads in grou
    effects at the intact model (AtP) join.
 2. Backward elimination from the whole pool ablated. While the set is larger than `exact_from` (default 2k),
    the gradient at the set (heads in it held at 0) estimates what restoring each one would cost the criterion,
-   and the cheapest half of the excess is restored; from there, every leave-one-out mask is evaluated exactly
+   and the cheapest half of the excess is restored, then the rest of it; from there, every leave-one-out mask is evaluated exactly
    and the head whose restoration costs least is restored, one at a time, down to k. Restoring one head of a
    redundant pair whose partner is still ablated brings the capability back, so both are kept. With k =
    "auto" it goes down to one head and keeps the smallest set that still removes `auto_share` of what the set
@@ -84,7 +84,7 @@ class JointSearch(Method):
 
     def __init__(self, layers: Annotated[int, Param("joint: layers whose heads all join the pool (by their "
                                                     "ablation's criterion)")] = 2,
-                 steps: Annotated[int, Param("joint: gradient steps of the learned gates (0: none)")] = 6,
+                 steps: Annotated[int, Param("joint: gradient steps of the learned gates (0: none)")] = 4,
                  exact_from: Annotated[int | None, Param("joint: set size below which elimination is exact "
                                                          "(default 2 x k)")] = None,
                  auto_share: Annotated[float, Param("joint, with --k auto: the share of the group's removal the "
@@ -122,14 +122,16 @@ class JointSearch(Method):
 
     # -- 2. backward elimination ------------------------------------------------------------------------
     def prune(self, objective: Objective, group: list[int], target_size: int) -> tuple[list[int], list[dict]]:
-        """Restore, by the gradient at the set, the cheapest half of the excess until `target_size` remain."""
+        """Restore, by the gradient at the set, the cheapest half of the excess, then the rest of it (two
+        gradient passes at most) until `target_size` remain."""
         records = []
         while len(group) > target_size:
             multipliers = np.ones(objective.n_components)
             multipliers[group] = 0.0
             gradient, value = criterion_gradient(objective, multipliers)
             # restoring head i (s: 1 -> 0) changes the criterion by about -gradient[i]: keep the largest
-            keep = max(target_size, len(group) - max(1, (len(group) - target_size + 1) // 2))
+            excess = len(group) - target_size
+            keep = target_size if records or excess <= 2 else len(group) - (excess + 1) // 2
             order = sorted(group, key=lambda h: -gradient[h])
             records.append({"size": len(group), "criterion_estimate": value, "restored": order[keep:]})
             group = order[:keep]
