@@ -157,6 +157,8 @@ def main():
                              "exchanges": [{"proposed": [str(lm.layout.head(i)) for i in e["proposed"]],
                                             "support": e["support"], "kept": e["swap"] is not None}
                                            for e in (run.details or {}).get("exchanges", []) if "proposed" in e],
+                             # the layer challenge (refine, joint): the set a layer narrowed to, its support
+                             "layer_challenge": _challenge(lm, (run.details or {}).get("layer_challenge")),
                              "seconds": round(time.perf_counter() - started, 1)})
                 print(f"{task_name} {label} seed {seed}: {top} target drop {runs[-1]['target_drop']:.3f} "
                       f"general drop {100 * general_drop['drop']:.1f} pts, {runs[-1]['tokens']} tokens, "
@@ -193,6 +195,13 @@ def main():
             rows.append(row)
         write(args.json, rows, raw, vars(args), prefix_top10)
     print_table(rows, args.k)
+
+
+def _challenge(lm, record):
+    if not record or not record.get("proposed"):
+        return None
+    return {"proposed": [str(lm.layout.head(i)) for i in record["proposed"]], "support": record["support"],
+            "kept": record["set"] is not None}
 
 
 def backups(lm, task, seed, chosen, n, store, check, candidates=10, report=5):

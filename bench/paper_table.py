@@ -1,6 +1,6 @@
 """The paper's Table 2 on models that have the capabilities: for each task, the top-5 heads each method finds on
 identification items, and what ablating them does to the task's real metric (accuracy, or pass@1 run in the
-sandbox) on held-out items the identification did not use, beside the reference's log-probability, `general`
+sandbox) on held-out items no identification used (every seed's set on the first seed's held-out items), beside the reference's log-probability, `general`
 accuracy, and five random heads (mean of three draws) as the floor.
 
 Per task: the default (`refine`, control `general`) on every seed (its top-5 overlap across seeds), and the
@@ -120,7 +120,7 @@ def main():
         held_out = held_out_table(lm, task, row, args, seeds[0], store, general)
         row["held_out"] = held_out
         row["overlap"] = {}
-        for method in args.every_seed.split(","):
+        for method in dict.fromkeys(label.split(" seed ")[0] for label in row["runs"]):
             tops = [set(row["runs"][f"{method} seed {s}"]["top"]) for s in seeds if f"{method} seed {s}" in row["runs"]]
             if len(tops) > 1:
                 row["overlap"][method] = {"pairwise": [len(a & b) for a, b in itertools.combinations(tops, 2)],
@@ -132,37 +132,34 @@ def main():
 
 
 def held_out_table(lm, task, row, args, seed, store, general) -> dict:
-    """Every method's top-k (first seed) and the random sets, ablated on the held-out items: the real metric,
-    the reference's log-probability where the task has one, and held-out `general` accuracy."""
+    """Every run's top-k (every seed's, on the first seed's held-out items) and the random sets, ablated: the
+    real metric, the reference's log-probability where the task has one, and held-out `general` accuracy."""
     layout = lm.layout
-    sets = {label.split(" seed")[0]: [layout.index(layout.parse(h)) for h in r["top"]]
-            for label, r in row["runs"].items() if label.endswith(f"seed {seed}")}
+    sets = {label: [layout.index(layout.parse(h)) for h in r["top"]] for label, r in row["runs"].items()}
     randoms = random_sets(layout.n_total, args.k, args.random_draws, seed)
     masks = [[]] + list(sets.values()) + randoms
-    out = {"n": args.n_heldout, "methods": {}, "random": {}}
+    out = {"n": args.n_heldout, "runs": {}, "random": {}}
     items = task.items(args.n_heldout, seed, offset=args.n)
-    scorings = task.scorings()
-    for scoring in scorings:
+
+    def record(metric, values):
+        base = values[0]
+        for j, label in enumerate(sets, 1):
+            out["runs"].setdefault(label, {})[metric] = paired_drop(base, values[j], metric=metric) | {
+                "baseline": float(base.mean()), "ablated": float(values[j].mean())}
+        ablated = values[len(sets) + 1:]
+        drops = [paired_drop(base, a, metric=metric)["relative_drop"] for a in ablated]
+        out["random"][metric] = {"relative_drop": float(np.mean(drops)), "baseline": float(base.mean()),
+                                 "ablated": float(np.mean([a.mean() for a in ablated]))}
+
+    for scoring in task.scorings():
         scoring_items = items if scoring is task else scoring.items(args.n_heldout, seed, offset=args.n)
         scores = Evaluator(lm, scoring, scoring_items, store=store, progress=True).evaluate(masks).scores
         for metric, values in scores.items():
-            base = values[0]
-            for j, label in enumerate(sets, 1):
-                out["methods"].setdefault(label, {})[metric] = paired_drop(base, values[j], metric=metric) | {
-                    "baseline": float(base.mean()), "ablated": float(values[j].mean())}
-            drops = [paired_drop(base, values[len(sets) + 1 + d], metric=metric) for d in range(len(randoms))]
-            out["random"][metric] = {"relative_drop": float(np.mean([d["relative_drop"] for d in drops])),
-                                     "ablated": float(np.mean([values[len(sets) + 1 + d].mean()
-                                                               for d in range(len(randoms))])),
-                                     "baseline": float(base.mean())}
+            record(metric, values)
     out["n"] = len(items)
     # general accuracy on items no identification used (the control identification items come first)
     general_items = general.items(args.n_general, seed, offset=DEFAULT_N_CONTROL)
-    g = Evaluator(lm, general, general_items, store=store).evaluate(masks).scores["acc"]
-    for j, label in enumerate(sets, 1):
-        out["methods"][label]["general_acc"] = {"baseline": float(g[0].mean()), "ablated": float(g[j].mean())}
-    out["random"]["general_acc"] = {"baseline": float(g[0].mean()),
-                                    "ablated": float(np.mean([g[len(sets) + 1 + d].mean() for d in range(len(randoms))]))}
+    record("general_acc", Evaluator(lm, general, general_items, store=store).evaluate(masks).scores["acc"])
     out["random_sets"] = [[str(layout.head(i)) for i in s] for s in randoms]
     out["real_metric"] = real_metric(task)
     return out
@@ -176,16 +173,16 @@ def write(path: Path, args, tables) -> None:
 def print_table(tables, args) -> None:
     print(f"\n{args.model}: held-out real metric baseline -> ablated (relative drop); general accuracy; "
           f"top-{args.k}; cost of the locate")
-    print("| task | method | top-5 | metric: baseline -> ablated (rel. drop) | ref_logprob drop (of p) | general acc | "
+    print("| task | run | top-5 | metric: baseline -> ablated (rel. drop) | ref_logprob drop (of p) | general acc | "
           "tokens | wall s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, row in tables.items():
         held = row.get("held_out")
-        if not held:
+        if not held or "runs" not in held:
             continue
         metric = held["real_metric"]
-        for label, m in held["methods"].items():
-            run = row["runs"][f"{label} seed {args.seeds.split(',')[0]}"]
+        for label, m in held["runs"].items():
+            run = row["runs"][label]
             ref = m.get("ref_logprob")
             print(f"| {name} | {label} | {','.join(run['top'])} | {metric} {m[metric]['baseline']:.3f} -> "
                   f"{m[metric]['ablated']:.3f} ({m[metric]['relative_drop']:.0%}) | "
@@ -198,7 +195,7 @@ def print_table(tables, args) -> None:
               f"{r['general_acc']['baseline']:.3f} -> {r['general_acc']['ablated']:.3f} | - | - |")
         for method, overlap in (row.get("overlap") or {}).items():
             print(f"| {name} | {method}: top-5 overlap across seeds | {overlap['pairwise']}, in every seed: "
-                  f"{','.join(overlap['in_every_seed'])} | | | | | |")
+                  f"{','.join(overlap['in_every_seed']) or 'none'} | | | | | |")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from caploc import Criterion, EvalOptions, LocateOptions, TaskSpec, locate
 from caploc.evaluator import Evaluator
 from caploc.methods import AttributionPatching, Greedy, JointSearch, Objective, make_method
 from caploc.methods.joint import project_capped_simplex
-from tiny import DECOY, REDUNDANT
+from tiny import DECOY, PLANTED, REDUNDANT
 
 
 def _objective(redundant, controls=()):
@@ -26,15 +26,39 @@ def test_the_planted_pair_is_redundant(redundant):
     assert drops[2] > 2.0 and drops[2] > drops[3] + 1.0  # together: more than the best single head
 
 
-def test_joint_finds_the_pair_that_greedy_atp_and_refine_miss(redundant):
+def test_joint_finds_the_pair_that_greedy_atp_and_refine_alone_miss(redundant):
     lm, _ = redundant
     pair = {lm.layout.index(h) for h in REDUNDANT}
-    joint = JointSearch().run(_objective(redundant), 2)
+    joint = JointSearch(layer_challenge=False).run(_objective(redundant), 2)
     assert set(joint.top(2)) == pair
     assert joint.details["elimination"][-1]["heads"] == sorted(pair, key=joint.top(2).index)
     assert set(Greedy().run(_objective(redundant), 2).top(2)) != pair
     assert set(AttributionPatching().run(_objective(redundant), 2).top(2)) != pair
-    assert set(make_method("refine").run(_objective(redundant), 2).top(2)) != pair
+    assert set(make_method("refine", layer_challenge=False).run(_objective(redundant), 2).top(2)) != pair
+
+
+def test_the_layer_challenge_gives_refine_the_pair(redundant):
+    """The pair shares a layer: that layer ablated whole beats greedy's set, and elimination narrows it to the
+    pair; the challenge's record says so."""
+    lm, _ = redundant
+    pair = {lm.layout.index(h) for h in REDUNDANT}
+    run = make_method("refine").run(_objective(redundant), 2)
+    challenge = run.details["layer_challenge"]
+    assert set(run.top(2)) == pair and set(challenge["set"]) == pair
+    assert challenge["challengers"][0] == REDUNDANT[0].layer and challenge["support"] >= 0.95
+    assert challenge["criterion"] > challenge["criterion_before"] + 1.0
+
+
+def test_the_layer_challenge_keeps_a_set_no_layer_beats(planted):
+    """The planted heads sit in three layers: no layer ablated whole reaches the three of them, so the set
+    stands, and the challenge cost only the layer masks (no elimination)."""
+    lm, task = planted
+    objective = Objective(Evaluator(lm, task, task.items(24, seed=0)), "logprob")
+    run = make_method("refine").run(objective, 3)
+    assert set(run.top(3)) == {lm.layout.index(h) for h in PLANTED}
+    challenge = run.details["layer_challenge"]
+    assert challenge["set"] is None and challenge["challengers"] == [] and challenge["gradient_points"] == 0
+    assert len(challenge["layer_criterion"]) == lm.layout.n_layers
 
 
 def test_gates_at_exactly_zero_and_one_are_exact_ablation(redundant):

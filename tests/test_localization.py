@@ -483,6 +483,12 @@ def test_printed_table_shows_what_each_refine_pick_added(planted):
     with render.console.capture() as captured:
         render.print_locate(run)
     assert "exchange: L0H1 -> L1H2, criterion 0.5000 -> 0.7500, higher in 93% of item resamples: kept" in captured.get()
+    run.details["layer_challenge"] = {"criterion_before": 0.75, "proposed": [n_heads, n_heads + 2],
+                                      "proposed_criterion": 0.8, "support": 0.6, "set": None}
+    with render.console.capture() as captured:
+        render.print_locate(run)
+    assert ("layer challenge: L1H0, L1H2 (a layer's heads eliminated down to k), criterion 0.7500 -> 0.8000, "
+            "higher in 60% of item resamples: not kept") in captured.get()
 
 
 class SynergyResponses(PlantedResponses):

@@ -94,6 +94,12 @@ def print_locate(report) -> None:
         table.add_row(*row, str(h["kv_group"]), *[f"{h[c]:.0%}" for c in extra])
     console.print(table)
     layout = HeadLayout(n_layers=report["model"]["n_layers"], n_heads=report["model"]["n_heads"])
+    challenge = (report.get("details") or {}).get("layer_challenge")
+    if challenge and challenge.get("proposed"):
+        heads = ", ".join(str(layout.head(i)) for i in challenge["proposed"])
+        console.print(f"layer challenge: {heads} (a layer's heads eliminated down to k), criterion "
+                      f"{challenge['criterion_before']:.4f} -> {challenge['proposed_criterion']:.4f}, higher in "
+                      f"{challenge['support']:.0%} of item resamples: {'kept' if challenge.get('set') else 'not kept'}")
     for swap in (report.get("details") or {}).get("exchanges") or []:
         if swap.get("proposed"):
             out, into = (str(layout.head(i)) for i in swap["proposed"])

@@ -42,7 +42,6 @@ PASSES = Annotated[int, Param(f"refine, joint: passes of exact head swaps after 
                               f"for none)", flag="--exchange")]
 SWAPS = Annotated[int, Param("refine, joint: swaps each exchange pass evaluates exactly", flag="--swaps")]
 
-
 Marginals = Callable[[list[int]], tuple[np.ndarray, "np.ndarray | None"]]
 
 
@@ -72,9 +71,9 @@ def exchange(objective: Objective, chosen: list[int], target: float, control: fl
             break
         out, into = swaps[best]
         swapped = [into if c == out else c for c in chosen]
-        support = _support(objective, chosen, swapped, seed=len(records))
-        record |= {"proposed": [out, into], "support": support}
-        if support < CONFIDENCE:  # better on these items, but not robustly: item noise, not a better set
+        share = support(objective, chosen, swapped, seed=len(records))
+        record |= {"proposed": [out, into], "support": share}
+        if share < CONFIDENCE:  # better on these items, but not robustly: item noise, not a better set
             records.append(record | {"swap": None})
             break
         chosen = swapped
@@ -86,7 +85,7 @@ def exchange(objective: Objective, chosen: list[int], target: float, control: fl
     return chosen, records
 
 
-def _support(objective: Objective, before: list[int], after: list[int], seed: int) -> float:
+def support(objective: Objective, before: list[int], after: list[int], seed: int) -> float:
     """The share of bootstrap resamples of the identification items (stored per-item scores: no model call) in
     which the set `after` has a higher criterion than `before`."""
     masks = objective.set_masks([before, after])

@@ -18,7 +18,8 @@ it, and at the intact model its gradient is flat. `joint` proposes heads in grou
    redundant pair whose partner is still ablated brings the capability back, so both are kept. With k =
    "auto" it goes down to one head and keeps the smallest set that still removes `auto_share` of what the set
    at `exact_from` removes; the curve is in the details.
-3. Exchange passes (`methods.exchange`) test the set against its closest single swaps.
+3. The layer challenge (`methods.groups`), then exchange passes (`methods.exchange`), test the set against
+   its closest competitors.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import numpy as np
 from caploc.methods.base import Method, MethodResult, Objective, register_method
 from caploc.methods.exchange import DEFAULT_EXCHANGE, DEFAULT_SWAPS, PASSES, SWAPS, exchange
 from caploc.methods.greedy import bounded_effects
+from caploc.methods.groups import LAYERS, challenge_layers, criterion_gradient, eliminate, layer_groups, prune
 from caploc.params import Param
-from caploc.stats import LOG_PROBABILITIES, share_removed
 
 AUTO = "auto"
 AUTO_START = 5  # with k "auto": the size the budget, the pool and the exact stage are scaled for
@@ -52,28 +53,6 @@ def project_capped_simplex(s: np.ndarray, budget: float) -> np.ndarray:
     return np.clip(s - high, 0.0, 1.0)
 
 
-def criterion_gradient(objective: Objective, multipliers: np.ndarray) -> tuple[np.ndarray, float]:
-    """d criterion / d ablation amounts (s = 1 - multiplier) at `multipliers`, and the criterion there.
-    Ablating more (ds = -dm) raises the target's drop by d metric / d m."""
-    target, drop, controls = objective.gradients_at(multipliers)
-    if not objective.has_control:
-        return target, drop
-    if objective.metric in LOG_PROBABILITIES:
-        slope = np.exp(-drop)
-    else:
-        scale = abs(objective.baseline) or 1.0
-        slope = np.exp(-drop / scale) / scale
-    gradient = slope * target
-    damage = 0.0
-    for (g, v), base, metric in zip(controls, objective.control_baselines(), objective.control_metrics):
-        control_drop = base - v
-        if control_drop > 0:  # an improvement counts 0, its gradient too
-            damage += float(share_removed(control_drop, base, metric)) / len(controls)
-            c_slope = np.exp(-control_drop) if metric in LOG_PROBABILITIES else 1.0 / (abs(base) or 1.0)
-            gradient = gradient - objective.penalty * c_slope * g / len(controls)
-    return gradient, float(objective.target_share(np.array([drop]))[0] - objective.penalty * damage)
-
-
 @register_method("joint")
 class JointSearch(Method):
     """Joint search: a layer screen and learned gates propose head groups, backward elimination from the whole
@@ -89,20 +68,21 @@ class JointSearch(Method):
                                                          "(default 2 x k)")] = None,
                  auto_share: Annotated[float, Param("joint, with --k auto: the share of the group's removal the "
                                                     "smallest set must keep")] = 0.9,
-                 exchange_passes: PASSES = DEFAULT_EXCHANGE, exchange_swaps: SWAPS = DEFAULT_SWAPS):
+                 exchange_passes: PASSES = DEFAULT_EXCHANGE, exchange_swaps: SWAPS = DEFAULT_SWAPS,
+                 layer_challenge: LAYERS = True):
         self.layers = layers
         self.steps = steps
         self.exact_from = exact_from
         self.auto_share = auto_share
         self.exchange_passes = exchange_passes
         self.exchange_swaps = exchange_swaps
+        self.layer_challenge = layer_challenge
 
     # -- 1. the pool ---------------------------------------------------------------------------------------
-    def layer_screen(self, objective: Objective, per_layer: int) -> tuple[list[int], list[float]]:
+    def layer_screen(self, objective: Objective) -> tuple[list[int], list[float]]:
         """Each layer's heads ablated together; the heads of the best `layers` layers, and every layer's
         criterion (NaN where its controls could not change which layers are best, so were not evaluated)."""
-        n_layers = objective.n_components // per_layer
-        groups = [list(range(layer * per_layer, (layer + 1) * per_layer)) for layer in range(n_layers)]
+        groups = layer_groups(objective)
         criterion, target, _ = bounded_effects(objective, objective.set_masks(groups), keep=self.layers)
         best = np.lexsort((-target, -np.nan_to_num(criterion, nan=-np.inf)))[: self.layers]
         return [h for layer in best for h in groups[int(layer)]], [float(c) for c in criterion]
@@ -121,44 +101,6 @@ class JointSearch(Method):
         return s, values
 
     # -- 2. backward elimination ------------------------------------------------------------------------
-    def prune(self, objective: Objective, group: list[int], target_size: int) -> tuple[list[int], list[dict]]:
-        """Restore, by the gradient at the set, the cheapest half of the excess, then the rest of it (two
-        gradient passes at most) until `target_size` remain."""
-        records = []
-        while len(group) > target_size:
-            multipliers = np.ones(objective.n_components)
-            multipliers[group] = 0.0
-            gradient, value = criterion_gradient(objective, multipliers)
-            # restoring head i (s: 1 -> 0) changes the criterion by about -gradient[i]: keep the largest
-            excess = len(group) - target_size
-            keep = target_size if records or excess <= 2 else len(group) - (excess + 1) // 2
-            order = sorted(group, key=lambda h: -gradient[h])
-            records.append({"size": len(group), "criterion_estimate": value, "restored": order[keep:]})
-            group = order[:keep]
-        return group, records
-
-    def eliminate(self, objective: Objective, group: list[int], k: int | None) -> tuple[list[int], list[dict]]:
-        """Restore the head whose restoration costs the criterion least, exactly, down to k heads (None: down
-        to one); the set and one record per size."""
-        current = list(group)
-        full, full_target, full_control = bounded_effects(objective, objective.set_masks([current]))
-        curve = [{"size": len(current), "heads": list(current), "criterion": float(full[0]),
-                  "target_drop": float(full_target[0])}
-                 | ({"control_damage": float(full_control[0])} if full_control is not None else {})]
-        while len(current) > (k or 1):
-            masks = objective.set_masks([[h for h in current if h != out] for out in current])
-            known = objective.evaluated(masks)
-            if not known.any():  # a bootstrap replay off the run's path
-                break
-            scores, target, control = bounded_effects(objective, masks[known])
-            options = [out for out, ok in zip(current, known) if ok]
-            best = int(np.argmax(np.where(np.isnan(scores), -np.inf, scores)))
-            current = [h for h in current if h != options[best]]
-            curve.append({"size": len(current), "heads": list(current), "restored": options[best],
-                          "criterion": float(scores[best]), "target_drop": float(target[best])}
-                         | ({"control_damage": float(control[best])} if control is not None else {}))
-        return current, curve
-
     def choose_auto(self, curve: list[dict]) -> dict:
         """The smallest set on the elimination path that keeps `auto_share` of the first set's target drop."""
         keep = self.auto_share * curve[0]["target_drop"]
@@ -166,7 +108,7 @@ class JointSearch(Method):
 
     def decide(self, objective: Objective, group: list[int], k) -> tuple[list[int], list[dict]]:
         auto = k == AUTO or k is None
-        chosen, curve = self.eliminate(objective, group, None if auto else int(k))
+        chosen, curve = eliminate(objective, group, None if auto else int(k))
         return (self.choose_auto(curve)["heads"] if auto else chosen), curve
 
     # -- the method -------------------------------------------------------------------------------------
@@ -175,27 +117,32 @@ class JointSearch(Method):
         per_layer = objective.per_layer
         first, first_control = objective.estimated_drops()
         by_effect = [int(i) for i in np.argsort(-objective.specificity(first, first_control), kind="stable")]
-        layer_heads, layer_criterion = (self.layer_screen(objective, per_layer) if per_layer and self.layers
+        layer_heads, layer_criterion = (self.layer_screen(objective) if per_layer and self.layers
                                         else ([], []))
         gates, gate_values = self.gates(objective, 2.0 * size) if self.steps else (np.zeros(len(first)), [])
         by_gate = [int(i) for i in np.argsort(-gates, kind="stable")] if self.steps else []
         pool = list(dict.fromkeys(layer_heads + by_gate[: 2 * size] + by_effect[:size]))
         exact_from = self.exact_from or 2 * size
-        group, pruning = self.prune(objective, pool, exact_from)
+        group, pruning = prune(objective, pool, exact_from)
         chosen, curve = self.decide(objective, group, k)
-        exchanges = []
+        exchanges, challenge = [], None
         if self.exchange_passes and chosen:
             last = next(c for c in curve if c["size"] == len(chosen))
-            chosen, exchanges = exchange(objective, chosen, last["target_drop"], last.get("control_damage"),
-                                         self.exchange_passes, self.exchange_swaps, objective.estimated_drops)
+            set_drop, set_damage = last["target_drop"], last.get("control_damage")
+            if self.layer_challenge:
+                chosen, set_drop, set_damage, challenge = challenge_layers(objective, chosen, set_drop, set_damage)
+            chosen, exchanges = exchange(objective, chosen, set_drop, set_damage, self.exchange_passes,
+                                         self.exchange_swaps, objective.estimated_drops)
         order = chosen + [i for i in group + pool + by_gate + by_effect if i not in chosen]
         order = list(dict.fromkeys(order + list(range(objective.n_components))))
         details = {"layer_criterion": layer_criterion, "gates": gates.tolist(), "gate_criterion": gate_values,
-                   "pool": pool, "pruning": pruning, "group": group, "elimination": curve, "exchanges": exchanges,
+                   "pool": pool, "pruning": pruning, "group": group, "elimination": curve, "layer_challenge": challenge,
+                   "exchanges": exchanges,
                    "k": len(chosen), "auto": k in (AUTO, None),
                    # forward + backward passes: the intact model's, one per gate step and pruning step, one per
                    # exchange pass
-                   "gradient_points": 1 + len(gate_values) + len(pruning) + len(exchanges)}
+                   "gradient_points": 1 + len(gate_values) + len(pruning) + len(exchanges)
+                   + (challenge or {}).get("gradient_points", 0)}
         if details["auto"]:
             details["auto_share"] = self.auto_share
         return MethodResult(ranking=order, head_scores=gates, score_name="learned gate (share ablated)",

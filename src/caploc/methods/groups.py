@@ -1,0 +1,137 @@
+"""Head groups: sets decided together rather than one head at a time, shared by the methods that need them.
+
+Heads that stand in for one another (ablating one costs little while the others still write: backups, copies,
+a layer's parallel heads) pay off only together, so neither greedy's one-head rounds nor a single swap reaches
+them. Backward elimination does: ablate the whole group, then restore heads one at a time (by the gradient
+while the group is large, then exactly), keeping the ones whose restoration would bring the capability back.
+
+`challenge_layers` puts that to a set a search found: every layer ablated whole (one exact mask each); the
+layers whose whole ablation beats the set (at most CHALLENGERS, best first) are eliminated down to the set's
+size, and the best of them replaces the set when it has the higher criterion in `exchange.CONFIDENCE` of the
+bootstrap resamples of the items (the rule a swap must pass).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import numpy as np
+
+from caploc.methods.base import NotEvaluated, Objective
+from caploc.methods.exchange import CONFIDENCE, IMPROVEMENT, support
+from caploc.methods.greedy import bounded_effects
+from caploc.params import Param
+from caploc.stats import LOG_PROBABILITIES, share_removed
+
+CHALLENGERS = 2  # layers whose heads are eliminated down to the set's size when they beat it whole
+LAYERS = Annotated[bool, Param("refine, joint: before the swaps, every layer ablated whole challenges the set; "
+                               "a layer that beats it is eliminated down to k heads (heads that stand in for one "
+                               "another)", flag="--layer-challenge/--no-layer-challenge")]
+
+
+def criterion_gradient(objective: Objective, multipliers: np.ndarray) -> tuple[np.ndarray, float]:
+    """d criterion / d ablation amounts (s = 1 - multiplier) at `multipliers`, and the criterion there.
+    Ablating more (ds = -dm) raises the target's drop by d metric / d m."""
+    target, drop, controls = objective.gradients_at(multipliers)
+    if not objective.has_control:
+        return target, drop
+    if objective.metric in LOG_PROBABILITIES:
+        slope = np.exp(-drop)
+    else:
+        scale = abs(objective.baseline) or 1.0
+        slope = np.exp(-drop / scale) / scale
+    gradient = slope * target
+    damage = 0.0
+    for (g, v), base, metric in zip(controls, objective.control_baselines(), objective.control_metrics):
+        control_drop = base - v
+        if control_drop > 0:  # an improvement counts 0, its gradient too
+            damage += float(share_removed(control_drop, base, metric)) / len(controls)
+            c_slope = np.exp(-control_drop) if metric in LOG_PROBABILITIES else 1.0 / (abs(base) or 1.0)
+            gradient = gradient - objective.penalty * c_slope * g / len(controls)
+    return gradient, float(objective.target_share(np.array([drop]))[0] - objective.penalty * damage)
+
+
+
+def prune(objective: Objective, group: list[int], target_size: int) -> tuple[list[int], list[dict]]:
+    """Restore, by the gradient at the set, the cheapest half of the excess, then the rest of it (two
+    gradient passes at most) until `target_size` remain."""
+    records = []
+    while len(group) > target_size:
+        multipliers = np.ones(objective.n_components)
+        multipliers[group] = 0.0
+        gradient, value = criterion_gradient(objective, multipliers)
+        # restoring head i (s: 1 -> 0) changes the criterion by about -gradient[i]: keep the largest
+        excess = len(group) - target_size
+        keep = target_size if records or excess <= 2 else len(group) - (excess + 1) // 2
+        order = sorted(group, key=lambda h: -gradient[h])
+        records.append({"size": len(group), "criterion_estimate": value, "restored": order[keep:]})
+        group = order[:keep]
+    return group, records
+
+def eliminate(objective: Objective, group: list[int], k: int | None) -> tuple[list[int], list[dict]]:
+    """Restore the head whose restoration costs the criterion least, exactly, down to k heads (None: down
+    to one); the set and one record per size."""
+    current = list(group)
+    full, full_target, full_control = bounded_effects(objective, objective.set_masks([current]))
+    curve = [{"size": len(current), "heads": list(current), "criterion": float(full[0]),
+              "target_drop": float(full_target[0])}
+             | ({"control_damage": float(full_control[0])} if full_control is not None else {})]
+    while len(current) > (k or 1):
+        masks = objective.set_masks([[h for h in current if h != out] for out in current])
+        known = objective.evaluated(masks)
+        if not known.any():  # a bootstrap replay off the run's path
+            break
+        scores, target, control = bounded_effects(objective, masks[known])
+        options = [out for out, ok in zip(current, known) if ok]
+        best = int(np.argmax(np.where(np.isnan(scores), -np.inf, scores)))
+        current = [h for h in current if h != options[best]]
+        curve.append({"size": len(current), "heads": list(current), "restored": options[best],
+                      "criterion": float(scores[best]), "target_drop": float(target[best])}
+                     | ({"control_damage": float(control[best])} if control is not None else {}))
+    return current, curve
+
+
+def layer_groups(objective: Objective) -> list[list[int]]:
+    per_layer = objective.per_layer
+    return [list(range(first, first + per_layer)) for first in range(0, objective.n_components, per_layer)]
+
+
+def challenge_layers(objective: Objective, chosen: list[int], target: float,
+                     control: float | None) -> tuple[list[int], float, float | None, dict | None]:
+    """The set `chosen` (exact drops `target`, `control`) against every layer's best heads of its size (module
+    docstring). Returns the set kept, its exact drops and a record (None where the objective has no layers or
+    the set is a single head)."""
+    per_layer, k = objective.per_layer, len(chosen)
+    if not per_layer or k < 2 or per_layer <= k:
+        return chosen, target, control, None
+    current = float(objective.specificity(np.array([target]), None if control is None else np.array([control]))[0])
+    layers = layer_groups(objective)
+    masks = objective.set_masks(layers)
+    known = objective.evaluated(masks)
+    scores = np.full(len(layers), np.nan)
+    if known.any():
+        scores[known] = bounded_effects(objective, masks[known], best=current, keep=CHALLENGERS)[0]
+    ahead = [int(i) for i in np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[:CHALLENGERS]
+             if np.isfinite(scores[i]) and scores[i] > current + IMPROVEMENT]
+    record = {"criterion_before": current, "layer_criterion": [float(x) for x in scores], "challengers": ahead,
+              "set": None, "gradient_points": 0}
+    best = None
+    for layer in ahead:
+        try:
+            group, pruning = prune(objective, layers[layer], 2 * k)
+        except NotEvaluated:  # a bootstrap replay off the run's path: the run's own set stands
+            continue
+        record["gradient_points"] += len(pruning)
+        narrowed, curve = eliminate(objective, group, k)
+        last = curve[-1]
+        if len(narrowed) == k and (best is None or last["criterion"] > best[1]["criterion"]):
+            best = (narrowed, last)
+    if best is None or best[1]["criterion"] <= current + IMPROVEMENT:
+        return chosen, target, control, record
+    narrowed, last = best
+    share = support(objective, chosen, narrowed, seed=k)
+    record |= {"proposed": narrowed, "proposed_criterion": last["criterion"], "support": share}
+    if share < CONFIDENCE:
+        return chosen, target, control, record
+    record |= {"set": narrowed, "criterion": last["criterion"]}
+    return narrowed, last["target_drop"], last.get("control_damage"), record
