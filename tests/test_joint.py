@@ -49,6 +49,34 @@ def test_the_layer_challenge_gives_refine_the_pair(redundant):
     assert challenge["criterion"] > challenge["criterion_before"] + 1.0
 
 
+def test_bootstrap_replays_of_the_layer_challenge_read_only_what_the_run_stored(redundant):
+    """Replays resample the items, so their gradient pruning can pick a group the run never evaluated: the run's
+    set then stands in that replay (no model call, no error); the pair is still chosen in most of them."""
+    lm, task = redundant
+    run = locate(lm, TaskSpec(task, n=16, n_validate=8), make_method("refine"), k=2,
+                 criterion=Criterion(control="none"), options=LocateOptions(bootstrap=8),
+                 evaluation=EvalOptions(store=False))
+    assert {h["head"] for h in run.heads} == {str(h) for h in REDUNDANT}
+    assert all(h["selection_frequency"] >= 0.5 for h in run.heads)
+
+
+def test_a_replay_whose_pruning_leaves_the_run_s_path_keeps_its_set(redundant, monkeypatch):
+    """The case the replays above can meet on real models: the resampled gradient prunes the layer to a group
+    the run never evaluated; that challenger is skipped, nothing is computed."""
+    from caploc.methods import groups
+
+    lm, _ = redundant
+    objective = _objective(redundant)
+    run = make_method("refine").run(objective, 2)
+    replay = objective.resampled(np.random.default_rng(0))
+    layer = REDUNDANT[0].layer * lm.layout.n_heads
+    monkeypatch.setattr(groups, "prune", lambda o, group, size: (list(range(layer + 3, layer + 3 + size)), []))
+    before = objective.evaluator.stats.evaluations
+    chosen, _, _, record = groups.challenge_layers(replay, [0, 1], 0.0, None)
+    assert chosen == [0, 1] and record["set"] is None and run.details["layer_challenge"]["set"]
+    assert objective.evaluator.stats.evaluations == before
+
+
 def test_the_layer_challenge_keeps_a_set_no_layer_beats(planted):
     """The planted heads sit in three layers: no layer ablated whole reaches the three of them, so the set
     stands, and the challenge cost only the layer masks (no elimination)."""

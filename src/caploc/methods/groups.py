@@ -119,10 +119,10 @@ def challenge_layers(objective: Objective, chosen: list[int], target: float,
     for layer in ahead:
         try:
             group, pruning = prune(objective, layers[layer], 2 * k)
-        except NotEvaluated:  # a bootstrap replay off the run's path: the run's own set stands
+            narrowed, curve = eliminate(objective, group, k)
+        except NotEvaluated:  # a bootstrap replay off the run's path (another group): the run's own set stands
             continue
         record["gradient_points"] += len(pruning)
-        narrowed, curve = eliminate(objective, group, k)
         last = curve[-1]
         if len(narrowed) == k and (best is None or last["criterion"] > best[1]["criterion"]):
             best = (narrowed, last)
