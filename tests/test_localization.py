@@ -203,7 +203,8 @@ def test_atp_misses_a_saturated_head_that_refine_with_a_cs_screen_finds(planted)
     result = ScreenRefine("css", n_candidates=6, exchange_passes=0, n_masks=40, sparsity=0.1, seed=0).run(objective,
                                                                                                          k=3)
     assert {lm.layout.head(i) for i in result.top(3)} == set(PLANTED)
-    assert objective.requested == 40 + 6 + 5 + 4  # the screen's masks, then greedy over its 6 candidates
+    # the screen's masks, greedy over its 6 candidates, then the layer challenge's one mask per layer
+    assert objective.requested == 40 + 6 + 5 + 4 + lm.layout.n_layers
     assert len(result.details["candidates"]) == 6
 
 

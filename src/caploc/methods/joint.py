@@ -126,11 +126,12 @@ class JointSearch(Method):
         group, pruning = prune(objective, pool, exact_from)
         chosen, curve = self.decide(objective, group, k)
         exchanges, challenge = [], None
-        if self.exchange_passes and chosen:
+        if chosen:
             last = next(c for c in curve if c["size"] == len(chosen))
             set_drop, set_damage = last["target_drop"], last.get("control_damage")
             if self.layer_challenge:
                 chosen, set_drop, set_damage, challenge = challenge_layers(objective, chosen, set_drop, set_damage)
+        if self.exchange_passes and chosen:
             chosen, exchanges = exchange(objective, chosen, set_drop, set_damage, self.exchange_passes,
                                          self.exchange_swaps, objective.estimated_drops)
         order = chosen + [i for i in group + pool + by_gate + by_effect if i not in chosen]

@@ -11,8 +11,8 @@ matter *given* that ablation (iterative greedy's second and later picks are ofte
 shows once the first is gone: backups and heads downstream of it), joined by the best `n_candidates // 4`
 of the previous round's exact order. One forward + backward pass per round on top of the masks.
 
-`exchange_passes` > 0 then puts the greedy set to the layer challenge (`methods.groups`: a layer whose heads
-beat it together, eliminated down to k) and improves it by exact swaps (`methods.exchange`), each proposed by the
+The greedy set then meets the layer challenge (`methods.groups`: a layer whose heads beat it together,
+eliminated down to k), and `exchange_passes` > 0 improve it by exact swaps (`methods.exchange`), each proposed by the
 gradient at the current set (the gradient screen) or by the screen's single-head estimates (a regression
 screen). Where the metric has no gradient (a generation task scored by generation), the atp screen gives way
 to csb and the result says so.
@@ -52,7 +52,8 @@ class ScreenRefine(Method):
                      "refine: candidates greedy decides among (default 8 with the atp screen, re-taken every "
                      "round; 16 with csb or css)", flag="--candidates")] = None,
                  exchange_passes: PASSES = DEFAULT_EXCHANGE, exchange_swaps: SWAPS = DEFAULT_SWAPS,
-                 layer_challenge: LAYERS = True, n_masks: MASKS = 100, sparsity: SPARSITY = 0.05, alpha: ALPHA = "cv", seed: int = 0):
+                 layer_challenge: LAYERS = True, n_masks: MASKS = 100, sparsity: SPARSITY = 0.05,
+                 alpha: ALPHA = "cv", seed: int = 0):
         require(screen in SCREENS, f"unknown {{screen}} {screen!r}: choose one of {', '.join(SCREENS)}", "screen")
         require(n_candidates is None or n_candidates >= 1, "{n_candidates} must be positive", "n_candidates")
         require(exchange_passes >= 0, "{exchange_passes} must be >= 0", "exchange_passes")
@@ -104,17 +105,18 @@ class ScreenRefine(Method):
         rounds = refined.details["rounds"]
         chosen = [r["head"] for r in rounds]
         exchanges, challenge = [], None
-        if self.exchange_passes and len(chosen) == k:
+        if len(chosen) == k:
             set_drop, set_damage = rounds[-1]["cumulative_drop"], rounds[-1].get("cumulative_control_drop")
             if self.layer_challenge:
                 chosen, set_drop, set_damage, challenge = challenge_layers(objective, chosen, set_drop, set_damage)
-            if adaptive:  # the gradient taken at the set
-                marginals = objective.estimated_drops
-            else:  # the regression's single-head estimates, the same on top of any set
-                def marginals(_chosen):
-                    return screened.target_effects, screened.control_effects
-            chosen, exchanges = exchange(objective, chosen, set_drop, set_damage, self.exchange_passes,
-                                         self.exchange_swaps, marginals)
+            if self.exchange_passes:
+                if adaptive:  # the gradient taken at the set
+                    marginals = objective.estimated_drops
+                else:  # the regression's single-head estimates, the same on top of any set
+                    def marginals(_chosen):
+                        return screened.target_effects, screened.control_effects
+                chosen, exchanges = exchange(objective, chosen, set_drop, set_damage, self.exchange_passes,
+                                             self.exchange_swaps, marginals)
         ranking = chosen + [i for i in screened.ranking if i not in chosen]
         details = {"candidates": candidates, "rounds": rounds, "layer_challenge": challenge, "exchanges": exchanges,
                    # forward + backward passes of the gradient screen: the first, one per later round, one
