@@ -71,6 +71,8 @@ def _four_by_eight():
                             num_attention_heads=8, num_key_value_heads=4, head_dim=8, initializer_range=0.2,
                             tie_word_embeddings=False)
     return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 

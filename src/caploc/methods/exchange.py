@@ -42,6 +42,7 @@ PASSES = Annotated[int, Param(f"refine, joint: passes of exact head swaps after 
                               f"for none)", flag="--exchange")]
 SWAPS = Annotated[int, Param("refine, joint: swaps each exchange pass evaluates exactly", flag="--swaps")]
 
+
 Marginals = Callable[[list[int]], tuple[np.ndarray, "np.ndarray | None"]]
 
 
@@ -51,7 +52,7 @@ def exchange(objective: Objective, chosen: list[int], target: float, control: fl
     estimates every head's drops on top of a set (target, control damage). Returns the new set (a swapped-in
     head takes the swapped-out head's place) and one record per pass."""
     chosen = list(chosen)
-    current = float(objective.specificity(np.array([target]), None if control is None else np.array([control]))[0])
+    current = set_criterion(objective, target, control)
     records = []
     for _ in range(passes):
         swaps = _proposals(objective, chosen, n_swaps, marginals)
@@ -83,6 +84,11 @@ def exchange(objective: Objective, chosen: list[int], target: float, control: fl
                        | ({"cumulative_control_drop": float(control_drops[best])}
                           if control_drops is not None else {}))
     return chosen, records
+
+
+def set_criterion(objective: Objective, target: float, control: float | None) -> float:
+    """The criterion of one set from its exact drops (target, control damage)."""
+    return float(objective.specificity(np.array([target]), None if control is None else np.array([control]))[0])
 
 
 def support(objective: Objective, before: list[int], after: list[int], seed: int) -> float:

@@ -18,7 +18,7 @@ from typing import Annotated
 import numpy as np
 
 from caploc.methods.base import NotEvaluated, Objective
-from caploc.methods.exchange import CONFIDENCE, IMPROVEMENT, support
+from caploc.methods.exchange import CONFIDENCE, IMPROVEMENT, set_criterion, support
 from caploc.methods.greedy import bounded_effects
 from caploc.params import Param
 from caploc.stats import LOG_PROBABILITIES, share_removed
@@ -104,7 +104,7 @@ def challenge_layers(objective: Objective, chosen: list[int], target: float,
     per_layer, k = objective.per_layer, len(chosen)
     if not per_layer or k < 2 or per_layer <= k:
         return chosen, target, control, None
-    current = float(objective.specificity(np.array([target]), None if control is None else np.array([control]))[0])
+    current = set_criterion(objective, target, control)
     layers = layer_groups(objective)
     masks = objective.set_masks(layers)
     known = objective.evaluated(masks)
