@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,8 @@ from pathlib import Path
 def locate(seed: int, store: Path, args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "caploc", "locate", "--model", args.model, "--task", "arithmetic",
                              "--subtask", "2D+", "--n", str(args.n), "--seed", str(seed), "--store", str(store),
-                             "--quiet", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--quiet", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"OMP_NUM_THREADS": str(args.threads)})
 
 
 def essentials(result: dict) -> dict:
@@ -34,7 +36,11 @@ def main():
     parser.add_argument("--processes", type=int, default=4)
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--json", default="bench/store_concurrency.json")
+    # torch threads per process, the serial runs' too (default: the cores shared by the processes): four
+    # 2-thread processes on 2 cores spend their time waiting on one another (a trial took over 15 min)
+    parser.add_argument("--threads", type=int)
     args = parser.parse_args()
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.processes)
     seeds = list(range(args.processes))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

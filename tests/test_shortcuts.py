@@ -38,9 +38,11 @@ def _reference_attention(q, k, v, scaling, window, softcap, prefix, rows_per_pre
 
 @pytest.mark.parametrize("window,softcap", [(None, None), (6, None), (None, 5.0), (3, 5.0)])
 @pytest.mark.parametrize("with_prefix", [True, False])
-def test_attention_over_a_shared_prefix_equals_attention_over_the_concatenation(window, softcap, with_prefix):
+@pytest.mark.parametrize("length", [1, 5])  # one query (generation) sees every prefix key
+def test_attention_over_a_shared_prefix_equals_attention_over_the_concatenation(window, softcap, with_prefix,
+                                                                                length):
     torch.manual_seed(0)
-    groups, per_group, heads, kv_heads, length, p_len, dim = 3, 4, 6, 2, 5, 7, 8
+    groups, per_group, heads, kv_heads, p_len, dim = 3, 4, 6, 2, 7, 8
     rows = groups * per_group
     q = torch.randn(rows, heads, length, dim)
     k, v = torch.randn(rows, kv_heads, length, dim), torch.randn(rows, kv_heads, length, dim)
