@@ -50,9 +50,7 @@ class GradientRunner(ModelRunner):
         """Each sequence a row with its whole prompt."""
         seqs = requests.sequences
         rows = {s: list(seqs[s].prefix) + seqs[s].context + seqs[s].continuation for s in members}
-        per_chunk = max(1, self.batch_tokens // (4 * max(len(r) for r in rows.values())))  # kept for backward
-        for first in range(0, len(members), per_chunk):
-            chunk = members[first:first + per_chunk]
+        for chunk in requests.length_chunks(members, self.batch_tokens // 4):  # activations kept for backward
             ids, _ = pad_batch([rows[s] for s in chunk], self.lm.tokenizer.pad_token_id, device=self.device)
             starts = [len(rows[s]) - len(seqs[s].continuation) for s in chunk]
             scales = base.repeat(len(chunk), 1).requires_grad_(True)
@@ -71,10 +69,9 @@ class GradientRunner(ModelRunner):
         the gradient is exact, and a single item's gradient is exact up to how its prefix share differs
         from the pass's mean (what a bootstrap over items sees of it)."""
         seqs = requests.sequences
-        width = max(len(seqs[s].context) + len(seqs[s].continuation) for s in members)
-        per_chunk = max(1, (self.batch_tokens - len(prefix)) // (4 * width))
-        for first in range(0, len(members), per_chunk):
-            chunk = members[first:first + per_chunk]
+        # the prefix runs again in every chunk (one backward each): few chunks, of rows of similar length
+        for chunk in requests.length_chunks(members, max(1, self.batch_tokens - len(prefix)) // 4,
+                                            shared_prefix=True):
             ids, _ = pad_batch([seqs[s].context + seqs[s].continuation for s in chunk],
                                self.lm.tokenizer.pad_token_id, device=self.device)
             positions = (torch.arange(ids.shape[1], device=self.device) + len(prefix))[None].expand(len(chunk), -1)

@@ -156,6 +156,20 @@ class Requests:
         return max((0 if shared_prefix else len(seqs[s].prefix)) + len(seqs[s].context) + len(seqs[s].continuation)
                    for s in members)
 
+    def length_chunks(self, members, tokens: int, shared_prefix: bool = False) -> list[list[int]]:
+        """Members in chunks of similar length, each padded to its longest within `tokens`: sorted longest
+        first, so padding stays small when lengths vary (MBPP's rows run from 100 to 400 tokens; in item order
+        a chunk was padded to about twice its tokens). A layout fixed by the items alone, the same under
+        every mask."""
+        ordered = sorted(members, key=lambda s: -self.row_tokens([s], shared_prefix))
+        chunks: list[list[int]] = []
+        for s in ordered:
+            if chunks and (len(chunks[-1]) + 1) * self.row_tokens(chunks[-1][:1], shared_prefix) <= tokens:
+                chunks[-1].append(s)
+            else:
+                chunks.append([s])
+        return chunks
+
     def per_item(self, values: np.ndarray) -> list[np.ndarray]:
         """[n_masks, n_sequences] -> per item, [n_masks, n_continuations of the item]."""
         by_item: list[list[int]] = [[] for _ in self.items]

@@ -87,8 +87,8 @@ class Scorer(ModelRunner):
                 unablated = self._unablated_states(requests, prefix, members)
                 start = first_layer if unablated is not None else 0
             prefix_cache = self._run_prefix(prefix, mask_dev, start, unablated) if prefix else None
-            for chunk in _length_chunks(requests, members, self.batch_tokens // n_masks,
-                                        self.shortcuts.shared_prefix):
+            for chunk in requests.length_chunks(members, self.batch_tokens // n_masks,
+                                                self.shortcuts.shared_prefix):
                 logprob, greedy = self._score_chunk(requests, chunk, len(prefix), prefix_cache, mask_dev, start,
                                                     unablated)
                 seq_logprob[:, chunk] = logprob
@@ -170,7 +170,7 @@ class Scorer(ModelRunner):
             with shortcut_forward(model, capture=prefix_kv, layer_inputs=prefix_inputs):
                 model(input_ids=torch.tensor([prefix], device=self.device), use_cache=False, logits_to_keep=1)
         sequences = {}
-        for chunk in _length_chunks(requests, members, self.batch_tokens, shared_prefix=True):
+        for chunk in requests.length_chunks(members, self.batch_tokens, shared_prefix=True):
             ids, _ = pad_batch([inputs[s] for s in chunk], self.lm.tokenizer.pad_token_id, device=self.device)
             positions = (torch.arange(ids.shape[1], device=self.device) + len(prefix))[None].expand(len(chunk), -1)
             layer_inputs: list = []
@@ -288,20 +288,6 @@ class ScoredTokens:
         per_row = torch.zeros(self.n_masks * self.n_seq, dtype=torch.float64, device=logprob.device).index_add_(
             0, self.rows, logprob.detach().double())
         return (per_token * logprob).sum(), per_row.cpu().numpy()
-
-
-def _length_chunks(requests: Requests, members: list[int], tokens: int, shared_prefix: bool) -> list[list[int]]:
-    """Members in chunks of similar length, each padded to its longest within `tokens`: sorted longest first, so
-    padding stays small when lengths vary (MBPP's rows run from 100 to 400 tokens; in item order a chunk was
-    padded to about twice its tokens). A layout fixed by the items alone, the same under every mask."""
-    ordered = sorted(members, key=lambda s: -requests.row_tokens([s], shared_prefix=shared_prefix))
-    chunks: list[list[int]] = []
-    for s in ordered:
-        if chunks and (len(chunks[-1]) + 1) * requests.row_tokens(chunks[-1][:1], shared_prefix) <= tokens:
-            chunks[-1].append(s)
-        else:
-            chunks.append([s])
-    return chunks
 
 
 PACK_TOKENS = 2048  # tokens of one mask's rows in a pack of prefix groups
