@@ -97,16 +97,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, wi
         # the fused kernel: scores never materialised, accumulated in fp32. Each row gets its prefix's K/V in
         # front of its own (a copy of kv_heads x P x d per row and layer, small beside the [heads, S, P] fp32
         # scores the two-part softmax below makes: 4x slower on MBPP's 400-token rows over a 570-token prefix)
-        causal = length > 1
         if prefix is not None:
             pk, pv = (x.repeat_interleave(rows_per_prefix, dim=0) for x in prefix)
             k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-            causal = causal_lower_right(length, p_len + length) if length > 1 else None
-        if isinstance(causal, bool):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scaling,
+        if length == 1 or length == k.shape[2]:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=length > 1, scale=scaling,
                                                                     enable_gqa=group > 1)
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scaling,
-                                                                enable_gqa=group > 1)
+        # queries are the last `length` positions (is_causal would align them with the first keys)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=causal_lower_right(length, k.shape[2]), scale=scaling, enable_gqa=group > 1)
     score_dtype = torch.promote_types(q.dtype, torch.float32)
     lowest = torch.finfo(score_dtype).min
     # in place where no gradient flows (evaluation); out of place under autograd (gradients of multipliers)
