@@ -70,8 +70,7 @@ class GradientRunner(ModelRunner):
         from the pass's mean (what a bootstrap over items sees of it)."""
         seqs = requests.sequences
         # the prefix runs again in every chunk (one backward each): few chunks, of rows of similar length
-        for chunk in requests.length_chunks(members, max(1, self.batch_tokens - len(prefix)) // 4,
-                                            shared_prefix=True):
+        for chunk in requests.length_chunks(members, (self.batch_tokens - len(prefix)) // 4, shared_prefix=True):
             ids, _ = pad_batch([seqs[s].context + seqs[s].continuation for s in chunk],
                                self.lm.tokenizer.pad_token_id, device=self.device)
             positions = (torch.arange(ids.shape[1], device=self.device) + len(prefix))[None].expand(len(chunk), -1)

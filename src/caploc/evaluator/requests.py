@@ -151,7 +151,7 @@ class Requests:
 
     def row_tokens(self, members, shared_prefix: bool = False) -> int:
         """Tokens a row holds in memory: its suffix, plus the prefix KV cache it attends to unless the
-        prefix is shared by the rows without copies."""
+        prefix is shared (its K/V then join a row only inside one layer's attention call)."""
         seqs = self._need_sequences()
         return max((0 if shared_prefix else len(seqs[s].prefix)) + len(seqs[s].context) + len(seqs[s].continuation)
                    for s in members)
@@ -161,12 +161,12 @@ class Requests:
         first, so padding stays small when lengths vary (MBPP's rows run from 100 to 400 tokens; in item order
         a chunk was padded to about twice its tokens). A layout fixed by the items alone, the same under
         every mask."""
-        ordered = sorted(members, key=lambda s: -self.row_tokens([s], shared_prefix))
+        length = {s: self.row_tokens([s], shared_prefix) for s in members}
         chunks: list[list[int]] = []
-        for s in ordered:
-            if chunks and (len(chunks[-1]) + 1) * self.row_tokens(chunks[-1][:1], shared_prefix) <= tokens:
+        for s in sorted(members, key=lambda s: -length[s]):
+            if chunks and (len(chunks[-1]) + 1) * length[chunks[-1][0]] <= tokens:
                 chunks[-1].append(s)
-            else:
+            else:  # a new chunk, even when its first member alone exceeds `tokens`
                 chunks.append([s])
         return chunks
 
