@@ -212,3 +212,39 @@ def test_generation_drops_finished_rows_and_writes_what_generate_writes(arch):
     assert generated <= 2 * len(items) * 12
     if any(stopped_early):
         assert generated < 2 * len(items) * 12  # the rows that finished left the batch
+
+
+def test_length_chunks_are_the_cheapest_cut_of_the_sorted_rows():
+    """Rows sorted longest first are cut where padded tokens plus the per-chunk overhead are fewest (against
+    every cut of the sorted order), each chunk within the budget unless one row alone exceeds it."""
+    import itertools
+
+    from caploc.evaluator.requests import Requests, Sequence
+
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        n = int(rng.integers(1, 10))
+        lengths = rng.integers(5, 400, n)
+        requests = object.__new__(Requests)
+        requests.sequences = [Sequence(i, 0, (), [1] * int(length - 1), [2]) for i, length in enumerate(lengths)]
+        budget, overhead = int(rng.integers(300, 1500)), int(rng.integers(0, 300))
+        chunks = requests.length_chunks(list(range(n)), budget, overhead=overhead)
+        assert sorted(s for c in chunks for s in c) == list(range(n))
+        assert all(len(c) * requests.row_tokens(c) <= budget or len(c) == 1 for c in chunks)
+
+        def cost(parts):
+            return sum(len(c) * requests.row_tokens(c) + overhead for c in parts)
+
+        order = sorted(range(n), key=lambda s: -lengths[s])
+        best = np.inf
+        for cuts in itertools.product([False, True], repeat=n - 1):
+            parts, current = [], [order[0]]
+            for s, cut in zip(order[1:], cuts):
+                if cut:
+                    parts.append(current)
+                    current = []
+                current.append(s)
+            parts.append(current)
+            if all(len(c) * requests.row_tokens(c) <= budget or len(c) == 1 for c in parts):
+                best = min(best, cost(parts))
+        assert cost(chunks) == best

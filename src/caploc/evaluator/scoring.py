@@ -259,9 +259,10 @@ class ScoredTokens:
         logits = logits[0] if self.gathered else logits[self.rows, self.positions]
         logprobs, argmax_ok = [], []
         rows = max(1, NORMALISER_ELEMENTS // logits.shape[-1])
-        for first in range(0, len(self.targets), rows):
-            block = _at_least_fp32(logits[first:first + rows])
-            targets = self.targets[first:first + rows]
+        # split, not slices: a slice's backward writes into zeros the size of all the logits (one per block,
+        # 25% of an MBPP gradient pass on Qwen's 152k vocabulary); split's backward concatenates once
+        for block, targets in zip(logits.split(rows), self.targets.split(rows)):
+            block = _at_least_fp32(block)
             # log_softmax's kernel is several times faster than logsumexp's on wide vocabularies
             logprobs.append(torch.log_softmax(block, dim=-1).gather(-1, targets[:, None]).squeeze(-1))
             # argmax in fp32 (the first of tied maxima, as greedy decoding picks): 0.4 s for 1890 positions of
