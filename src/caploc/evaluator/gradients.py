@@ -78,9 +78,9 @@ class GradientRunner(ModelRunner):
             with shortcut_forward(self.lm.model, capture=kv), self.ablation.applied(scales=prefix_scales):
                 self.lm.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=False,
                               logits_to_keep=1)
-        produced = [t for layer in sorted(kv) for t in kv[layer]]
-        stops = [t.detach().requires_grad_(True) for t in produced]
-        held = {layer: (stops[2 * i], stops[2 * i + 1]) for i, layer in enumerate(sorted(kv))}
+        held = {layer: tuple(t.detach().requires_grad_(True) for t in pair) for layer, pair in kv.items()}
+        produced = [t for pair in kv.values() for t in pair]
+        stops = [t for pair in held.values() for t in pair]
         for chunk in requests.length_chunks(members, (self.batch_tokens - len(prefix)) // 4, shared_prefix=True):
             ids, _ = pad_batch([seqs[s].context + seqs[s].continuation for s in chunk],
                                self.lm.tokenizer.pad_token_id, device=self.device)

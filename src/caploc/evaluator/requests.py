@@ -164,16 +164,19 @@ class Requests:
         chunk are fewest (exact, by dynamic programming over the sorted order). Filling each chunk in turn
         instead padded MBPP's rows (100 to 400 tokens) to 1.7x their tokens: the longest row's chunk took the
         next 19 at its length. A layout fixed by the items alone, the same under every mask."""
-        order = sorted(members, key=lambda s: -self.row_tokens([s], shared_prefix))
-        lengths = np.array([self.row_tokens([s], shared_prefix) for s in order], dtype=np.float64)
+        length = {s: self.row_tokens([s], shared_prefix) for s in members}
+        order = sorted(members, key=lambda s: -length[s])
+        lengths = np.array([length[s] for s in order], dtype=np.float64)
+        widest = max(1, int(tokens // max(1.0, lengths.min()))) if len(order) else 1  # members a chunk holds at most
         # cost[j]: the fewest tokens for order[:j]; a chunk order[i:j] costs (j - i) * lengths[i] + overhead
         cost, cut = np.zeros(len(order) + 1), np.zeros(len(order) + 1, dtype=int)
         for end in range(1, len(order) + 1):
-            padded = (end - np.arange(end)) * lengths[:end]
-            total = np.where(padded <= tokens, cost[:end] + padded + overhead, np.inf)
-            total[end - 1] = cost[end - 1] + lengths[end - 1] + overhead  # a member always fits alone
-            cut[end] = int(np.argmin(total))
-            cost[end] = total[cut[end]]
+            first = max(0, end - widest)
+            padded = (end - np.arange(first, end)) * lengths[first:end]
+            total = np.where(padded <= tokens, cost[first:end] + padded + overhead, np.inf)
+            total[-1] = cost[end - 1] + lengths[end - 1] + overhead  # a member always fits alone
+            best = int(np.argmin(total))
+            cut[end], cost[end] = first + best, total[best]
         chunks, end = [], len(order)
         while end:
             chunks.append(order[cut[end]:end])
