@@ -172,9 +172,11 @@ def test_gradients_through_a_shared_prefix_keep_the_item_mean_exact(name):
     groups = evaluator.requests.prefix_groups()
     prefix, members = next(iter(groups.items()))
     assert len(groups) == 1 and len(prefix) >= 16  # the shared path is the one under test
-    # a budget of about one row per backward: the chunks' gradients meet at the prefix's K/V
-    small = Evaluator(lm, task, items, batch_tokens=len(prefix) + 4 * evaluator.requests.row_tokens(members, True))
-    assert len(small.requests.length_chunks(members, 4 * evaluator.requests.row_tokens(members, True), True)) > 1
+    # a budget of about one row per backward (the gradient pass takes a quarter of what the prefix leaves):
+    # the chunks' gradients meet at the prefix's K/V
+    row = evaluator.requests.row_tokens(members, True)
+    small = Evaluator(lm, task, items, batch_tokens=len(prefix) + 4 * row)
+    assert len(small.requests.length_chunks(members, row, True)) > 1
     for ablated in ([], [1, lm.layout.n_heads + 2]):
         whole = _whole_row_gradients(lm, evaluator, "logprob", ablated)
         assert np.abs(whole.mean(0)).max() > 1e-3
