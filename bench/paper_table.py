@@ -9,6 +9,10 @@ wall time of each locate. Every evaluation goes to the store, so a killed run re
 
     python bench/paper_table.py --model qwen2.5-coder-0.5b --tasks 2D+,mbpp,humaneval --seeds 0,1,2
     python bench/paper_table.py --model qwen2.5-coder-1.5b --tasks gsm8k,mbpp --seeds 0
+    python bench/paper_table.py --tasks mbpp --seeds 0 --methods refine --import-run "mbpp:refine seed 0=runs/mbpp/result.json"
+
+`--import-run` takes a locate already run with the CLI (`caploc locate ... --out DIR`, the same task, n, seed and
+method) as that table entry instead of running it again; the entry records the file it came from.
 
 Task names: an arithmetic sub-task (2D+, 3D-, ... or `arithmetic` for all ten), gsm8k, mbpp, humaneval (the
 two code tasks run model-written code in caploc's sandbox), swear, rhyme. GSM8K and MBPP read their
@@ -78,6 +82,8 @@ def main():
     parser.add_argument("--bootstrap", type=int, default=0)
     parser.add_argument("--store", default="bench/paper_table.sqlite")
     parser.add_argument("--json", default=None, help="default: bench/paper_table_MODEL.json")
+    parser.add_argument("--import-run", action="append", default=[], metavar="TASK:LABEL=RESULT_JSON",
+                        help="a CLI locate's result.json as the entry LABEL ('refine seed 0') of TASK; repeatable")
     args = parser.parse_args()
 
     os.environ.setdefault("CAPLOC_ALLOW_CODE_EXECUTION", "1")
@@ -90,10 +96,12 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
     general = get_task("general")
+    imported = imported_runs(args)
     for name in args.tasks.split(","):
         spec = task_spec(name)
         task = get_task(spec["task"], **{k: v for k, v in spec.items() if k != "task" and v is not None})
         row = tables.get(name, {"task": name, "runs": {}})
+        row["runs"] |= imported.get(name, {})
         started = time.perf_counter()
         for method in methods:
             for seed in seeds if method in args.every_seed.split(",") else seeds[:1]:
@@ -129,6 +137,34 @@ def main():
         tables[name] = row
         write(out, args, tables)
     print_table(tables, args)
+
+
+def imported_runs(args) -> dict[str, dict[str, dict]]:
+    """--import-run entries by task, each checked against the table's own settings: the same model, task,
+    method, identification items and seed as the locate the table would run."""
+    runs: dict[str, dict[str, dict]] = {}
+    for entry in args.import_run:
+        target, _, path = entry.partition("=")
+        name, _, label = target.partition(":")
+        method, _, seed = label.partition(" seed ")
+        result = json.loads(Path(path).read_text())
+        spec = task_spec(name)
+        expected = {"model": args.model, "task": spec["task"], "method": method, "n": args.n, "seed": int(seed),
+                    "k": args.k, "control": CONTROLS.get(method, "none")}
+        controls = ((result.get("control") or {}).get("tasks")) or []
+        found = {"model": result["model"].get("spec"), "task": result["task"]["task"],
+                 "method": result["method"]["name"], "n": result["n"], "seed": result["seed"], "k": result["k"],
+                 "control": ",".join(t["task"] for t in controls) or "none"}
+        if spec.get("subtask") and result["task_options"].get("subtask") not in (spec["subtask"], [spec["subtask"]]):
+            found["subtask"], expected["subtask"] = result["task_options"].get("subtask"), spec["subtask"]
+        if found != expected:
+            raise SystemExit(f"{path}: --import-run {target!r} expects {expected}, the file has {found}")
+        budget = result["budget"]
+        runs.setdefault(name, {})[label] = {
+            "top": [h["head"] for h in result["heads"]][: args.k], "metric": result["metric"],
+            "tokens": budget["logical_model_tokens"], "computed_tokens": budget["model_tokens"],
+            "locate_seconds": budget["wall_seconds"], "imported_from": path}
+    return runs
 
 
 def held_out_table(lm, task, row, args, seed, store, general) -> dict:
