@@ -147,6 +147,8 @@ def imported_runs(args) -> dict[str, dict[str, dict]]:
         target, _, path = entry.partition("=")
         name, _, label = target.partition(":")
         method, _, seed = label.partition(" seed ")
+        if not (path and method and seed.isdigit()):
+            raise SystemExit(f"--import-run {entry!r}: expected TASK:METHOD seed N=RESULT_JSON")
         result = json.loads(Path(path).read_text())
         spec = task_spec(name)
         expected = {"model": args.model, "task": spec["task"], "method": method, "n": args.n, "seed": int(seed),
@@ -155,6 +157,8 @@ def imported_runs(args) -> dict[str, dict[str, dict]]:
         found = {"model": result["model"].get("spec"), "task": result["task"]["task"],
                  "method": result["method"]["name"], "n": result["n"], "seed": result["seed"], "k": result["k"],
                  "control": ",".join(t["task"] for t in controls) or "none"}
+        if "shots" in spec:
+            found["shots"], expected["shots"] = result["task"]["shots"], spec["shots"]
         if spec.get("subtask") and result["task_options"].get("subtask") not in (spec["subtask"], [spec["subtask"]]):
             found["subtask"], expected["subtask"] = result["task_options"].get("subtask"), spec["subtask"]
         if found != expected:
