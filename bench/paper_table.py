@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from caploc import Criterion, EvalOptions, LocateOptions, TaskSpec, load_model, locate, make_method
+from caploc import (CaplocError, Criterion, EvalOptions, LocateOptions, LocateResult, TaskSpec, load_model, locate,
+                    make_method)
 from caploc.evaluator import Evaluator
 from caploc.experiments.locate import DEFAULT_N_CONTROL
 from caploc.stats import paired_drop
@@ -117,11 +118,7 @@ def main():
                              make_method(method, **PAPER_METHODS.get(method, {})), k=args.k,
                              criterion=Criterion(control=control), options=LocateOptions(bootstrap=args.bootstrap),
                              evaluation=evaluation)
-                row["runs"][label] = {"top": run.top_heads(args.k), "metric": run.metric,
-                                      "tokens": run.budget["logical_model_tokens"],
-                                      "computed_tokens": run.budget["model_tokens"],
-                                      "wall_seconds": round(time.perf_counter() - t0, 1),
-                                      "locate_seconds": run.budget["wall_seconds"]}
+                row["runs"][label] = run_entry(run, args.k) | {"wall_seconds": round(time.perf_counter() - t0, 1)}
                 print(f"{args.model} {name} {label}: {row['runs'][label]}", flush=True)
                 tables[name] = row
                 write(out, args, tables)
@@ -139,6 +136,12 @@ def main():
     print_table(tables, args)
 
 
+def run_entry(run: LocateResult, k: int) -> dict:
+    """A table entry: a locate's top-k heads, its metric and its cost."""
+    return {"top": run.top_heads(k), "metric": run.metric, "tokens": run.budget["logical_model_tokens"],
+            "computed_tokens": run.budget["model_tokens"], "locate_seconds": run.budget["wall_seconds"]}
+
+
 def imported_runs(args) -> dict[str, dict[str, dict]]:
     """--import-run entries by task, each checked against the table's own settings: the same model, task,
     method, identification items and seed as the locate the table would run."""
@@ -149,25 +152,23 @@ def imported_runs(args) -> dict[str, dict[str, dict]]:
         method, _, seed = label.partition(" seed ")
         if not (path and method and seed.isdigit()):
             raise SystemExit(f"--import-run {entry!r}: expected TASK:METHOD seed N=RESULT_JSON")
-        result = json.loads(Path(path).read_text())
+        try:
+            run = LocateResult.load(path)
+        except CaplocError as exc:
+            raise SystemExit(str(exc)) from None
         spec = task_spec(name)
         expected = {"model": args.model, "task": spec["task"], "method": method, "n": args.n, "seed": int(seed),
                     "k": args.k, "control": CONTROLS.get(method, "none")}
-        controls = ((result.get("control") or {}).get("tasks")) or []
-        found = {"model": result["model"].get("spec"), "task": result["task"]["task"],
-                 "method": result["method"]["name"], "n": result["n"], "seed": result["seed"], "k": result["k"],
-                 "control": ",".join(t["task"] for t in controls) or "none"}
+        found = {"model": run.model.get("spec"), "task": run.task["task"], "method": run.method["name"],
+                 "n": run.n, "seed": run.seed, "k": run.k,
+                 "control": ",".join(t["task"] for t in run.control.get("tasks") or []) or "none"}
         if "shots" in spec:
-            found["shots"], expected["shots"] = result["task"]["shots"], spec["shots"]
-        if spec.get("subtask") and result["task_options"].get("subtask") not in (spec["subtask"], [spec["subtask"]]):
-            found["subtask"], expected["subtask"] = result["task_options"].get("subtask"), spec["subtask"]
+            found["shots"], expected["shots"] = run.task["shots"], spec["shots"]
+        if spec.get("subtask") and run.task_options.get("subtask") not in (spec["subtask"], [spec["subtask"]]):
+            found["subtask"], expected["subtask"] = run.task_options.get("subtask"), spec["subtask"]
         if found != expected:
             raise SystemExit(f"{path}: --import-run {target!r} expects {expected}, the file has {found}")
-        budget = result["budget"]
-        runs.setdefault(name, {})[label] = {
-            "top": [h["head"] for h in result["heads"]][: args.k], "metric": result["metric"],
-            "tokens": budget["logical_model_tokens"], "computed_tokens": budget["model_tokens"],
-            "locate_seconds": budget["wall_seconds"], "imported_from": path}
+        runs.setdefault(name, {})[label] = run_entry(run, args.k) | {"imported_from": path}
     return runs
 
 
