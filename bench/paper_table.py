@@ -5,7 +5,9 @@ accuracy, and five random heads (mean of three draws) as the floor.
 
 Per task: the default (`refine`, control `general`) on every seed (its top-5 overlap across seeds), and the
 paper's CSS (`css`, no control) and one-shot greedy (`1s-greedy`, no control) on the first seed; tokens and
-wall time of each locate. Every evaluation goes to the store, so a killed run resumes where it stopped.
+wall time of each locate. Every evaluation goes to the store, so a killed run resumes where it stopped. A task
+the model does not do (held-out accuracy or pass@1 below 0.1, or no swear word at all) is recorded as
+`lacks_capability` with its baseline, and nothing is located on it.
 
     python bench/paper_table.py --model qwen2.5-coder-0.5b --tasks 2D+,mbpp,humaneval --seeds 0,1,2
     python bench/paper_table.py --model qwen2.5-coder-1.5b --tasks gsm8k,mbpp --seeds 0
@@ -34,13 +36,14 @@ from caploc import (CaplocError, Criterion, EvalOptions, LocateOptions, LocateRe
                     make_method)
 from caploc.evaluator import Evaluator
 from caploc.experiments.locate import DEFAULT_N_CONTROL
-from caploc.stats import paired_drop
+from caploc.stats import LOW_BASELINE, paired_drop
 from caploc.store import EvalStore
 from caploc.tasks import get_task
 from caploc.tasks.arithmetic import SUBTASKS
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PAPER_METHODS = {"css": {"n_masks": 100, "sparsity": 0.05}, "1s-greedy": {}}
+POOL_SIZES = {"swear": {"n": 12, "n_heldout": 12}}  # identification and held-out items where the pool is small
 CONTROLS = {"refine": "general", "joint": "general,text"}  # the paper's methods run without a control
 
 
@@ -102,8 +105,18 @@ def main():
         spec = task_spec(name)
         task = get_task(spec["task"], **{k: v for k, v in spec.items() if k != "task" and v is not None})
         row = tables.get(name, {"task": name, "runs": {}})
-        row["runs"] |= imported.get(name, {})
+        row.setdefault("runs", {}).update(imported.get(name, {}))
+        # swear has 24 prompts, two halves of 12; the top-level params are the last invocation's
+        task_args = argparse.Namespace(**vars(args) | POOL_SIZES.get(name, {}))
+        row["params"] = vars(task_args)
         started = time.perf_counter()
+        lacking = lacks_capability(lm, task, task_args, seeds[0], store)
+        if lacking:
+            # a head that "carries" a capability the model does not have is measured on noise: say so, locate nothing
+            print(f"{args.model} {name}: {lacking['reason']}; no locate", flush=True)
+            tables[name] = {"task": name, "params": row["params"], "lacks_capability": lacking}
+            write(out, args, tables)
+            continue
         for method in methods:
             for seed in seeds if method in args.every_seed.split(",") else seeds[:1]:
                 label = f"{method} seed {seed}"
@@ -112,17 +125,17 @@ def main():
                 control = CONTROLS.get(method, "none")
                 # held-out items for the real metric come from the first seed's order; the locate's own
                 # validation is small for the other seeds (only their heads are compared)
-                n_validate = args.n_heldout if seed == seeds[0] else 10
+                n_validate = task_args.n_heldout if seed == seeds[0] else 10
                 t0 = time.perf_counter()
-                run = locate(lm, TaskSpec(task, n=args.n, n_validate=n_validate, seed=seed),
-                             make_method(method, **PAPER_METHODS.get(method, {})), k=args.k,
-                             criterion=Criterion(control=control), options=LocateOptions(bootstrap=args.bootstrap),
+                run = locate(lm, TaskSpec(task, n=task_args.n, n_validate=n_validate, seed=seed),
+                             make_method(method, **PAPER_METHODS.get(method, {})), k=task_args.k,
+                             criterion=Criterion(control=control), options=LocateOptions(bootstrap=task_args.bootstrap),
                              evaluation=evaluation)
-                row["runs"][label] = run_entry(run, args.k) | {"wall_seconds": round(time.perf_counter() - t0, 1)}
+                row["runs"][label] = run_entry(run, task_args.k) | {"wall_seconds": round(time.perf_counter() - t0, 1)}
                 print(f"{args.model} {name} {label}: {row['runs'][label]}", flush=True)
                 tables[name] = row
                 write(out, args, tables)
-        held_out = held_out_table(lm, task, row, args, seeds[0], store, general)
+        held_out = held_out_table(lm, task, row, task_args, seeds[0], store, general)
         row["held_out"] = held_out
         row["overlap"] = {}
         for method in dict.fromkeys(label.split(" seed ")[0] for label in row["runs"]):
@@ -172,6 +185,20 @@ def imported_runs(args) -> dict[str, dict[str, dict]]:
     return runs
 
 
+def lacks_capability(lm, task, args, seed, store) -> dict | None:
+    """The unablated real metric on the held-out items (the store keeps it for the table), or None when the model
+    has the capability: accuracy-like metrics at least LOW_BASELINE, counts (swear words) above zero."""
+    metric = real_metric(task)
+    items = task.items(args.n_heldout, seed, offset=args.n)
+    baseline = float(Evaluator(lm, task, items, store=store).evaluate([[]]).scores[metric].mean())
+    floor = 0.0 if metric not in ("acc", "pass@1") else LOW_BASELINE
+    if (baseline >= floor) if floor else (baseline > 0):
+        return None
+    what = f"{metric} {baseline:.3f} on {len(items)} held-out items" + (f" < {floor}" if floor else "")
+    return {"metric": metric, "baseline": baseline, "n": len(items), "floor": floor,
+            "reason": f"the model does not have the capability: {what}"}
+
+
 def held_out_table(lm, task, row, args, seed, store, general) -> dict:
     """Every run's top-k (every seed's, on the first seed's held-out items) and the random sets, ablated: the
     real metric, the reference's log-probability where the task has one, and held-out `general` accuracy."""
@@ -190,7 +217,8 @@ def held_out_table(lm, task, row, args, seed, store, general) -> dict:
         ablated = values[len(sets) + 1:]
         drops = [paired_drop(base, a, metric=metric)["relative_drop"] for a in ablated]
         out["random"][metric] = {"relative_drop": float(np.mean(drops)), "baseline": float(base.mean()),
-                                 "ablated": float(np.mean([a.mean() for a in ablated]))}
+                                 "ablated": float(np.mean([a.mean() for a in ablated])),
+                                 "draws": [float(d) for d in drops]}
 
     for scoring in task.scorings():
         scoring_items = items if scoring is task else scoring.items(args.n_heldout, seed, offset=args.n)
@@ -218,6 +246,9 @@ def print_table(tables, args) -> None:
           "tokens | wall s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, row in tables.items():
+        if "lacks_capability" in row:
+            print(f"| {name} | - | - | {row['lacks_capability']['reason']} | - | - | - | - |")
+            continue
         held = row.get("held_out")
         if not held or "runs" not in held:
             continue

@@ -133,25 +133,32 @@ def _load_gguf(path: Path, dtype: torch.dtype, place: dict):
 
     target = cache_dir() / "dequantized" / f"{path.stem}-{_file_digest(path)}-v{_CACHE_FORMAT}"
     if not (target / "config.json").exists():
-        log.warning("dequantizing %s once into %s (later loads take about a second)", path.name, target)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        except Exception as exc:  # transformers raises many types for unreadable files
-            raise CaplocError(f"cannot read GGUF file {path}: {exc}".splitlines()[0]) from exc
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-
-        def save(tmp: Path) -> None:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-
-        # another process may have finished the same cache entry first: keep its copy
-        atomic_write(target, save, keep_existing=True)
+        _dequantize_gguf(path, target)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, **place)
     tokenizer = AutoTokenizer.from_pretrained(target)
     return model, tokenizer, f"gguf:{_file_digest(path)}"
+
+
+def _dequantize_gguf(path: Path, target: Path) -> None:
+    # a function of its own so that the fp32 copy is freed before the caller loads the cached one in its dtype
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("dequantizing %s once into %s (later loads take about a second)", path.name, target)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:  # transformers raises many types for unreadable files
+        raise CaplocError(f"cannot read GGUF file {path}: {exc}".splitlines()[0]) from exc
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    # another process may have finished the same cache entry first: keep its copy
+    atomic_write(target, save, keep_existing=True)
 
 
 def _weights_fingerprint(model: nn.Module) -> str:
