@@ -112,3 +112,17 @@ def test_neurons_attribute_a_generation_task_on_its_reference(tmp_path, monkeypa
                                                                                  enhance=(1.5,), general=None),
                      evaluation=EvalOptions(store=False))
     assert report.ablation["task"]["metric"] == REFERENCE_METRIC and report.neurons
+
+
+def test_eval_scores_a_generation_task_and_its_references_on_the_same_items():
+    # `caploc eval` and `specificity` hand the generation task's items to every scoring: the reference view
+    # must get them with their references as targets, not as they are (once "has an empty target/choice")
+    from caploc import evaluate
+
+    lm = wrap_model(build("llama"), byte_tokenizer(), spec="llama")
+    task = get_task("gsm8k", data=GSM8K, shots=0)
+    result = evaluate(lm, TaskSpec(task, n=3, seed=1), ablate="L1H0", evaluation=EvalOptions(max_new_tokens=4))
+    assert {"acc", REFERENCE_METRIC, "logprob"} <= set(result.metrics)
+    view = task.for_metric(REFERENCE_METRIC)
+    expected = [_plain_reference_logprob(lm, item, item.target) for item in view.items(3, seed=1)]
+    assert result.metrics[REFERENCE_METRIC]["baseline"] == pytest.approx(np.mean(expected), abs=2e-5)

@@ -123,7 +123,7 @@ class Runtime:
     def evaluators(self, task: Task, items: list[Item], **kwargs) -> list[Evaluator]:
         """One evaluator per scoring of the task (a generation task with references: the generations and
         the reference's log-probability), on the same items."""
-        return [self.evaluator(t, items, **kwargs) for t in task.scorings()]
+        return [self.evaluator(t, t.from_source(items), **kwargs) for t in task.scorings()]
 
 
 # -- the task -------------------------------------------------------------------------------------------

@@ -115,6 +115,10 @@ class Task:
         """Whether `metric` is linear in the continuations' log-probabilities (so AtP can differentiate it)."""
         return metric in self.linear_metrics
 
+    def from_source(self, items: list[Item]) -> list[Item]:
+        """Items drawn from the task whose `scorings()` hold this one, in this one's form: here, unchanged."""
+        return items
+
     def scorings(self) -> list["Task"]:
         """The tasks that together give every metric of this one: itself, and the reference view of a
         generation task that has references."""
@@ -296,6 +300,9 @@ class ReferenceTask(TargetTask):
 
     def pool(self, seed: int, needed: int) -> list[Item]:
         return [self.with_reference(item) for item in self.source.pool(seed, needed)]
+
+    def from_source(self, items: list[Item]) -> list[Item]:
+        return [self.with_reference(item) for item in items]
 
     def with_reference(self, item: Item) -> Item:
         reference = self.source.reference(item)
