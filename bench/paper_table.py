@@ -106,9 +106,8 @@ def main():
         task = get_task(spec["task"], **{k: v for k, v in spec.items() if k != "task" and v is not None})
         row = tables.get(name, {"task": name, "runs": {}})
         row.setdefault("runs", {}).update(imported.get(name, {}))
-        # swear has 24 prompts, two halves of 12; the top-level params are the last invocation's
-        task_args = argparse.Namespace(**vars(args) | POOL_SIZES.get(name, {}))
-        row["params"] = vars(task_args)
+        task_args = table_args(args, name)
+        row["params"] = vars(task_args)  # the top-level params are the last invocation's
         started = time.perf_counter()
         lacking = lacks_capability(lm, task, task_args, seeds[0], store)
         if lacking:
@@ -149,6 +148,12 @@ def main():
     print_table(tables, args)
 
 
+def table_args(args, name: str) -> argparse.Namespace:
+    """The table's settings for one task: the command line's, with the item counts of a small pool (swear has
+    24 prompts, two halves of 12)."""
+    return argparse.Namespace(**vars(args) | POOL_SIZES.get(name, {}))
+
+
 def run_entry(run: LocateResult, k: int) -> dict:
     """A table entry: a locate's top-k heads, its metric and its cost."""
     return {"top": run.top_heads(k), "metric": run.metric, "tokens": run.budget["logical_model_tokens"],
@@ -169,9 +174,9 @@ def imported_runs(args) -> dict[str, dict[str, dict]]:
             run = LocateResult.load(path)
         except CaplocError as exc:
             raise SystemExit(str(exc)) from None
-        spec = task_spec(name)
-        expected = {"model": args.model, "task": spec["task"], "method": method, "n": args.n, "seed": int(seed),
-                    "k": args.k, "control": CONTROLS.get(method, "none")}
+        spec, task_args = task_spec(name), table_args(args, name)
+        expected = {"model": args.model, "task": spec["task"], "method": method, "n": task_args.n,
+                    "seed": int(seed), "k": args.k, "control": CONTROLS.get(method, "none")}
         found = {"model": run.model.get("spec"), "task": run.task["task"], "method": run.method["name"],
                  "n": run.n, "seed": run.seed, "k": run.k,
                  "control": ",".join(t["task"] for t in run.control.get("tasks") or []) or "none"}
@@ -191,8 +196,8 @@ def lacks_capability(lm, task, args, seed, store) -> dict | None:
     metric = real_metric(task)
     items = task.items(args.n_heldout, seed, offset=args.n)
     baseline = float(Evaluator(lm, task, items, store=store).evaluate([[]]).scores[metric].mean())
-    floor = 0.0 if metric not in ("acc", "pass@1") else LOW_BASELINE
-    if (baseline >= floor) if floor else (baseline > 0):
+    floor = LOW_BASELINE if metric in ("acc", "pass@1") else 0.0
+    if (baseline >= floor) if floor else (baseline > 0):  # an accuracy reaches the floor, a count is above zero
         return None
     what = f"{metric} {baseline:.3f} on {len(items)} held-out items" + (f" < {floor}" if floor else "")
     return {"metric": metric, "baseline": baseline, "n": len(items), "floor": floor,
@@ -221,8 +226,7 @@ def held_out_table(lm, task, row, args, seed, store, general) -> dict:
                                  "draws": [float(d) for d in drops]}
 
     for scoring in task.scorings():
-        scoring_items = items if scoring is task else scoring.items(args.n_heldout, seed, offset=args.n)
-        scores = Evaluator(lm, scoring, scoring_items, store=store, progress=True).evaluate(masks).scores
+        scores = Evaluator(lm, scoring, scoring.from_source(items), store=store, progress=True).evaluate(masks).scores
         for metric, values in scores.items():
             record(metric, values)
     out["n"] = len(items)

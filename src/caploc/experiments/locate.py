@@ -130,8 +130,7 @@ def _locate_one(rt: Runtime, spec: TaskSpec, method: Method, k: int | str, crite
     id_items = scoring.items(n, seed)
     held_out = task.items(n_validate, seed, offset=n)
     identify = rt.evaluator(scoring, id_items)
-    validate = [rt.evaluator(t, held_out if t is task else t.items(n_validate, seed, offset=n))
-                for t in task.scorings()]
+    validate = rt.evaluators(task, held_out)
     n_control = criterion.n_control or min(n, DEFAULT_N_CONTROL)
     control_id = [rt.evaluator(t, t.items(n_control, seed)) for t in control_tasks]
     control_val = [rt.evaluator(t, t.items(spec.n_validate or n_control, seed, offset=n_control))

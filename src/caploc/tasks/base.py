@@ -299,7 +299,7 @@ class ReferenceTask(TargetTask):
         return self.source.config() | {"scored": "reference"}
 
     def pool(self, seed: int, needed: int) -> list[Item]:
-        return [self.with_reference(item) for item in self.source.pool(seed, needed)]
+        return self.from_source(self.source.pool(seed, needed))
 
     def from_source(self, items: list[Item]) -> list[Item]:
         return [self.with_reference(item) for item in items]
