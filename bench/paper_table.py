@@ -13,12 +13,16 @@ the model does not do (held-out accuracy or pass@1 below 0.1, or no swear word a
     python bench/paper_table.py --model qwen2.5-coder-1.5b --tasks gsm8k,mbpp --seeds 0
     python bench/paper_table.py --tasks mbpp --seeds 0 --methods refine --import-run "mbpp:refine seed 0=runs/mbpp/result.json"
 
+`--metric own_logprob` identifies on the model's own completions of the identification items it does, instead of the
+dataset's references (runs labelled `refine/own_logprob seed 0`).
+
 `--import-run` takes a locate already run with the CLI (`caploc locate ... --out DIR`, the same task, n, seed and
 method) as that table entry instead of running it again; the entry records the file it came from.
 
-Task names: an arithmetic sub-task (2D+, 3D-, ... or `arithmetic` for all ten), gsm8k, mbpp, humaneval (the
-two code tasks run model-written code in caploc's sandbox), swear, rhyme. GSM8K and MBPP read their
-non-test splits from ../shared/data (GSM8K train; MBPP's prompt, validation and train task ids).
+Task names: an arithmetic sub-task (2D+, 3D-, ... or `arithmetic` for all ten), gsm8k, mbpp (mbpp_lf: its code
+with "\n" line endings), humaneval (the two code tasks run model-written code in caploc's sandbox), swear, rhyme.
+GSM8K and MBPP read their non-test splits from ../shared/data (GSM8K train; MBPP's prompt, validation and train
+task ids).
 """
 
 from __future__ import annotations
@@ -53,8 +57,9 @@ def task_spec(name: str) -> dict:
         return {"task": "arithmetic", "subtask": None if name == "arithmetic" else name}
     if name == "gsm8k":
         return {"task": "gsm8k", "data": str(DATA / "gsm8k_train.jsonl"), "shots": 8}
-    if name == "mbpp":
-        return {"task": "mbpp", "data": str(DATA / "mbpp_train.jsonl"), "allow_code_execution": True}
+    if name in ("mbpp", "mbpp_lf"):  # mbpp_lf: exemplars and references with "\n" line endings, not MBPP's "\r\n"
+        return {"task": "mbpp", "data": str(DATA / "mbpp_train.jsonl"), "allow_code_execution": True} | (
+            {"line_endings": "lf"} if name == "mbpp_lf" else {})
     if name == "humaneval":
         return {"task": "humaneval", "allow_code_execution": True}
     return {"task": name}
@@ -78,6 +83,8 @@ def main():
     parser.add_argument("--methods", default="refine,css,1s-greedy", help="the methods; those in --every-seed run "
                         "on every seed, the others on the first")
     parser.add_argument("--every-seed", default="refine,joint")
+    parser.add_argument("--metric", default=None, help="identification metric (default: the task's; own_logprob: "
+                        "the model's own completions of the items it does); its runs are labelled METHOD/METRIC")
     parser.add_argument("--n", type=int, default=30, help="identification items")
     parser.add_argument("--n-heldout", type=int, default=100, help="held-out items for the real metric")
     parser.add_argument("--n-general", type=int, default=100, help="held-out general items")
@@ -118,7 +125,7 @@ def main():
             continue
         for method in methods:
             for seed in seeds if method in args.every_seed.split(",") else seeds[:1]:
-                label = f"{method} seed {seed}"
+                label = f"{method}/{args.metric} seed {seed}" if args.metric else f"{method} seed {seed}"
                 if label in row["runs"]:
                     continue
                 control = CONTROLS.get(method, "none")
@@ -128,8 +135,8 @@ def main():
                 t0 = time.perf_counter()
                 run = locate(lm, TaskSpec(task, n=task_args.n, n_validate=n_validate, seed=seed),
                              make_method(method, **PAPER_METHODS.get(method, {})), k=task_args.k,
-                             criterion=Criterion(control=control), options=LocateOptions(bootstrap=task_args.bootstrap),
-                             evaluation=evaluation)
+                             criterion=Criterion(metric=args.metric, control=control),
+                             options=LocateOptions(bootstrap=task_args.bootstrap), evaluation=evaluation)
                 row["runs"][label] = run_entry(run, task_args.k) | {"wall_seconds": round(time.perf_counter() - t0, 1)}
                 print(f"{args.model} {name} {label}: {row['runs'][label]}", flush=True)
                 tables[name] = row
@@ -157,7 +164,8 @@ def table_args(args, name: str) -> argparse.Namespace:
 def run_entry(run: LocateResult, k: int) -> dict:
     """A table entry: a locate's top-k heads, its metric and its cost."""
     return {"top": run.top_heads(k), "metric": run.metric, "tokens": run.budget["logical_model_tokens"],
-            "computed_tokens": run.budget["model_tokens"], "locate_seconds": run.budget["wall_seconds"]}
+            "computed_tokens": run.budget["model_tokens"], "locate_seconds": run.budget["wall_seconds"]} | (
+        {"own_reference": run.extra["own_reference"]} if "own_reference" in run.extra else {})
 
 
 def imported_runs(args) -> dict[str, dict[str, dict]]:

@@ -10,7 +10,9 @@ import torch
 
 from caploc import Criterion, EvalOptions, LocateOptions, TaskSpec, locate, wrap_model
 from caploc.evaluator import Evaluator
-from caploc.tasks import REFERENCE_METRIC, get_task
+from caploc.errors import CaplocError
+from caploc.tasks import GSM8K as GSM8KTask
+from caploc.tasks import OWN_METRIC, REFERENCE_METRIC, OwnReferenceTask, get_task
 from caploc.tasks.base import ReferenceTask
 from tiny import ARCHS, build, byte_tokenizer
 
@@ -126,3 +128,46 @@ def test_eval_scores_a_generation_task_and_its_references_on_the_same_items():
     view = task.for_metric(REFERENCE_METRIC)
     expected = [_plain_reference_logprob(lm, item, item.target) for item in view.items(3, seed=1)]
     assert result.metrics[REFERENCE_METRIC]["baseline"] == pytest.approx(np.mean(expected), abs=2e-5)
+
+
+class _SolvesSome(GSM8KTask):
+    """GSM8K scored as if the model did the questions before "M" (a tiny random model does none)."""
+
+    def score(self, item, generated):
+        return float(item.id < "M")
+
+
+def test_own_reference_items_are_the_models_own_completions_of_the_items_it_does():
+    # own_logprob: one generation, the items that score above 0 keep their completion as the target, and the
+    # metric is that completion's log-probability per token, exactly as a plain forward gives it
+    lm = wrap_model(build("llama"), byte_tokenizer(), spec="tiny-llama")
+    task = _SolvesSome(data=GSM8K, shots=0)
+    items = task.items(6, seed=1)
+    generated = Evaluator(lm, task, items, max_new_tokens=6).baseline()
+    view = task.for_metric(OWN_METRIC)
+    assert isinstance(view, OwnReferenceTask) and view.config() == task.config() | {"scored": "own"}
+    own = view.from_generations(items, generated.texts[0], generated.scores["acc"][0])
+    done = [i for i, s, t in zip(items, generated.scores["acc"][0], generated.texts[0]) if s > 0 and t.strip()]
+    assert 0 < len(own) < len(items) and [i.id for i in own] == [i.id for i in done]
+    texts = dict(zip([i.id for i in items], generated.texts[0]))
+    assert all(i.target == texts[i.id] for i in own)
+    scores = Evaluator(lm, view, own).evaluate([[], [1, lm.layout.n_heads]]).scores[OWN_METRIC]
+    expected = [_plain_reference_logprob(lm, item, item.target) for item in own]
+    np.testing.assert_allclose(scores[0], expected, atol=2e-5)
+    assert not np.allclose(scores[1], expected)
+    with pytest.raises(CaplocError, match="own generations"):
+        view.items(3)
+
+
+def test_locate_identifies_on_the_models_own_completions_and_says_how_many_items_it_does():
+    lm = wrap_model(build("llama"), byte_tokenizer(), spec="tiny-llama")
+    spec = TaskSpec(_SolvesSome(data=GSM8K, shots=0), n=6, n_validate=2, seed=1)
+    run = locate(lm, spec, k=2, criterion=Criterion(metric=OWN_METRIC, control="none"),
+                 options=LocateOptions(bootstrap=0), evaluation=EvalOptions(max_new_tokens=6, store=False))
+    assert run.metric == OWN_METRIC and run.details["screen"]["name"] == "atp"  # teacher-forced: gradients
+    assert run.n == run.extra["own_reference"]["drawn"] == 6 and 0 < run.extra["own_reference"]["done"] < 6
+    assert [p["k"] for p in run.validation["acc"]] == [2]  # held out: still the real metric by generation
+    nothing = TaskSpec("gsm8k", data=GSM8K, shots=0, n=3)  # the tiny model answers none of them
+    with pytest.raises(CaplocError, match="does none of the 3 identification items"):
+        locate(lm, nothing, k=2, criterion=Criterion(metric=OWN_METRIC, control="none"),
+               options=LocateOptions(bootstrap=0), evaluation=EvalOptions(max_new_tokens=4, store=False))

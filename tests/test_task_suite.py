@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from caploc import CaplocError, wrap_model
+from caploc.errors import ParameterError
 from caploc.evaluator import Evaluator
 from caploc.tasks import GENERAL_TASKS, TASKS, get_task
 from caploc.tasks.rhyme import EASY, HARD, first_word, is_rhyme, rhyming_parts
@@ -184,6 +185,19 @@ def test_mbpp_native_schema_and_execution(allow_code):
     assert task.score(item, "def sort_matrix(M):\n    return sorted(M, key=sum)\n") == 1.0
     assert task.score(item, "def sort_matrix(M):\n    return M\n") == 0.0
     assert task.cut_at_stop("def f():\n    pass\n[DONE]\nmore") == "def f():\n    pass\n"
+
+
+def test_mbpp_line_endings_lf_writes_exemplars_and_references_with_newlines_only(allow_code):
+    keep = get_task("mbpp", data=str(FIXTURES / "mbpp_mini.jsonl"))
+    lf = get_task("mbpp", data=str(FIXTURES / "mbpp_mini.jsonl"), line_endings="lf")
+    kept, changed = keep.items(2), lf.items(2)
+    assert "\r\n" in kept[0].prefix and "\r\n" not in changed[0].prefix  # MBPP's code is stored with CRLF
+    assert changed[0].prefix == kept[0].prefix.replace("\r\n", "\n")
+    assert [i.meta["reference"] for i in changed] == [i.meta["reference"].replace("\r\n", "\n") for i in kept]
+    assert [i.context for i in changed] == [i.context for i in kept]  # the problem and its tests are unchanged
+    assert "line_endings" not in keep.config() and lf.config()["line_endings"] == "lf"  # stored apart
+    with pytest.raises(ParameterError, match="line_endings"):
+        get_task("mbpp", data=str(FIXTURES / "mbpp_mini.jsonl"), line_endings="crlf")
 
 
 def test_code_generation_runs_through_the_evaluator(tiny_lm, allow_code):

@@ -129,7 +129,7 @@ class Entry:
 
     @property
     def summary(self) -> str:
-        doc = inspect.getdoc(self.cls) or ""
+        doc = inspect.cleandoc(self.cls.__dict__.get("__doc__") or "")  # its own: a base class's would mislead
         return doc.split("\n\n")[0].replace("\n", " ")
 
     def build(self, **given):

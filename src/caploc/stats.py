@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 DEFAULT_BOOTSTRAP = 2000
-# metrics that are log-probabilities of the answer (summed, or per token: ref_logprob, token_logprob)
-LOG_PROBABILITIES = ("logprob", "logprob_all", "ref_logprob", "token_logprob")
+# metrics that are log-probabilities of the answer (summed, or per token: ref_logprob, own_logprob, token_logprob)
+LOG_PROBABILITIES = ("logprob", "logprob_all", "ref_logprob", "own_logprob", "token_logprob")
 
 
 def share_removed(drop, baseline, metric: str | None):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caploc.errors import require
+from caploc.errors import CaplocError, require
 from caploc.evaluator import Evaluator
 from caploc.experiments.results import LocateResult, UniversalResult
 from caploc.experiments.specs import (EvalOptions, ModelSpec, Runtime, TaskSpec, build_tasks, cli, parse_ints,
@@ -16,7 +16,7 @@ from caploc.experiments.specs import (EvalOptions, ModelSpec, Runtime, TaskSpec,
 from caploc.methods import DEFAULT_METHOD, DEFAULT_PENALTY, DEFAULT_TOLERANCE, Method, Objective, make_method
 from caploc.models import DEFAULT_MODEL, LoadedModel
 from caploc.stats import low_baseline_warning, score_summary
-from caploc.tasks.base import Task
+from caploc.tasks.base import OWN_METRIC, Task
 
 CONTROL_DEFAULT = "general"
 # control items per mask: greedy rounds evaluate the controls only where they can change the choice, so a set
@@ -38,7 +38,9 @@ class Criterion:
 
     metric: str | None = field(default=None, metadata=cli(
         "--metric", help="identification metric (default: logprob where the target is known, the reference's "
-                         "ref_logprob for generation tasks that have one, else the task score)"))
+                         "ref_logprob for generation tasks that have one, else the task score; own_logprob for "
+                         "any generation task: its identification items that the model does, each scored on "
+                         "the model's own completion)"))
     control: str | list | None = field(default=CONTROL_DEFAULT, metadata=cli(
         "--control", help="control task(s) evaluated on every mask; heads are chosen by the share of the target "
                           "removed minus --penalty x the controls' damage ('text': prose language modelling); "
@@ -127,7 +129,8 @@ def _locate_one(rt: Runtime, spec: TaskSpec, method: Method, k: int | str, crite
     excluded = sorted({lm.layout.index(h) for h in lm.layout.parse_list(options.exclude)
                        + lm.layout.parse_list(universal)})
     n_validate = spec.n_validate or n
-    id_items = scoring.items(n, seed)
+    own = own_references(rt, task, task.items(n, seed)) if metric == OWN_METRIC else None
+    id_items = own["items"] if own else scoring.items(n, seed)
     held_out = task.items(n_validate, seed, offset=n)
     identify = rt.evaluator(scoring, id_items)
     validate = rt.evaluators(task, held_out)
@@ -148,12 +151,14 @@ def _locate_one(rt: Runtime, spec: TaskSpec, method: Method, k: int | str, crite
                            not evaluator.requests.generation)
         validation |= {name: points for name, points in curve.items() if name not in validation}
     layout = lm.layout
-    evaluators = [identify, *validate, *control_id, *control_val]
+    evaluators = [identify, *validate, *control_id, *control_val] + ([own["evaluator"]] if own else [])
     located = LocateResult(
         model=lm.describe(), task=task.config(), task_options=spec.recorded(),
         method={"name": method.name, **method.params()},
-        k=k, n=len(id_items), n_validate=len(held_out), seed=seed, mode=identify.mode, metric=metric,
-        **({"extra": {"k_asked": asked}} if asked == AUTO_K else {}),
+        # n: the items drawn for identification (held-out items start after them), own_logprob keeps those done
+        k=k, n=own["drawn"] if own else len(id_items), n_validate=len(held_out), seed=seed, mode=identify.mode, metric=metric,
+        extra=({"k_asked": asked} if asked == AUTO_K else {})
+        | ({"own_reference": {"drawn": own["drawn"], "done": len(id_items)}} if own else {}),
         control={"tasks": [t.config() for t in control_tasks], "metrics": objective.control_metrics,
                  "n": n_control if control_tasks else 0, "penalty": criterion.penalty,
                  "tolerance": criterion.tolerance,
@@ -183,6 +188,20 @@ def _locate_one(rt: Runtime, spec: TaskSpec, method: Method, k: int | str, crite
         note = low_baseline_warning(task.name, validation["acc"][0]["baseline"], metric)
         located.warnings += [note] if note else []
     return located
+
+
+def own_references(rt: Runtime, task: Task, items: list) -> dict:
+    """`own_logprob`'s identification items: the unablated model generates once (stored like any evaluation),
+    and the items it does keep its completion as their target."""
+    generate = rt.evaluator(task, items)
+    baseline = generate.baseline()
+    done = task.for_metric(OWN_METRIC).from_generations(items, baseline.texts[0],
+                                                         baseline.scores[task.metric_names()[0]][0])
+    if not done:
+        raise CaplocError(f"{OWN_METRIC}: the model does none of the {len(items)} identification items of "
+                          f"{task.name} (its {task.metric_names()[0]} is 0 on each); use --metric "
+                          f"{task.identification_metric}")
+    return {"items": done, "drawn": len(items), "evaluator": generate}
 
 
 def drop_curve(evaluator: Evaluator, ranking: list[int], k: int, seed: int, every_j: bool = True) -> dict:

@@ -8,8 +8,8 @@ from pathlib import Path
 from caploc.errors import CaplocError, ParameterError
 from caploc.records import file_format
 from caploc.tasks.arithmetic import Arithmetic
-from caploc.tasks.base import (REFERENCE_METRIC, TASKS, GenerationTask, Item, LoglikelihoodTask, MultipleChoiceTask,
-                               ReferenceTask, TargetTask, Task, register_task)
+from caploc.tasks.base import (OWN_METRIC, REFERENCE_METRIC, TASKS, GenerationTask, Item, LoglikelihoodTask,
+                               MultipleChoiceTask, OwnReferenceTask, ReferenceTask, TargetTask, Task, register_task)
 from caploc.tasks.benchmarks import PIQA, ARCChallenge, ARCEasy, BoolQ, CommonsenseQA, HellaSwag, OpenBookQA, SciQ, WinoGrande
 from caploc.tasks.knowledge import MMLU, LambadaOpenAI, TruthfulQAMC1, TruthfulQAMC2, WMDPBio, WMDPChem, WMDPCyber
 from caploc.tasks.code import MBPP, CodeTask, HumanEval
@@ -61,7 +61,8 @@ def runs_code(name: str) -> bool:
 
 
 __all__ = ["REFERENCE_METRIC", "Item", "Task", "TargetTask", "MultipleChoiceTask", "GenerationTask", "LoglikelihoodTask",
-           "ReferenceTask", "TASKS", "GENERAL_TASKS", "get_task", "register_task", "runs_code", "Arithmetic",
+           "ReferenceTask", "OWN_METRIC", "OwnReferenceTask", "TASKS", "GENERAL_TASKS", "get_task", "register_task",
+           "runs_code", "Arithmetic",
            "GSM8K", "HumanEval", "MBPP", "Swear", "Rhyme", "HellaSwag", "ARCChallenge", "ARCEasy", "BoolQ", "MMLU",
            "PIQA", "WinoGrande", "OpenBookQA", "CommonsenseQA", "SciQ", "LambadaOpenAI", "TruthfulQAMC1",
            "TruthfulQAMC2", "WMDPBio", "WMDPChem", "WMDPCyber", "General", "UserChoiceTask", "UserTargetTask",

@@ -62,6 +62,9 @@ def format_question(text: str) -> str:
 
 @register_task()
 class Arithmetic(TargetTask):
+    """Brown et al.'s arithmetic: 2-5 digit addition and subtraction, 2-digit multiplication, one-digit composites;
+    the answer's log-probability."""
+
     name = "arithmetic"
 
     def __init__(self, subtask: str | None = None, shots: int = 3, chat: bool = False):

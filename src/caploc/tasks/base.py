@@ -9,7 +9,9 @@ raw log-likelihoods or generations into per-item scores (as lm-evaluation-harnes
 - `GenerationTask`: greedy generation up to a stop string, scored by the task (`score`). Where the task
   knows a reference continuation (a reference solution, the canonical code), `reference_view()` is the
   same items as a target task scored by the reference's mean log-probability per token (`ref_logprob`):
-  identification by one teacher-forced pass per mask instead of generation, with gradients.
+  identification by one teacher-forced pass per mask instead of generation, with gradients. Any generation
+  task also has an own-reference view (`own_logprob`): the items the unablated model does, each with its own
+  greedy completion as the target; built from one generation (`OwnReferenceTask.from_generations`).
 
 Tasks register themselves (`@register_task()` on the class): the registry `TASKS` is what builds a task by
 name, and what the command line lists. A task's parameters are its `__init__`'s (`caploc.params`).
@@ -31,6 +33,7 @@ from caploc.params import Registry
 KINDS = ("target", "choice", "generate")
 TASKS = Registry("task")
 REFERENCE_METRIC = "ref_logprob"
+OWN_METRIC = "own_logprob"  # the log-probability of the model's own correct completion, mean per token
 
 
 def register_task(name: str | None = None, **fixed):
@@ -246,6 +249,10 @@ class GenerationTask(Task):
     def scorings(self) -> list[Task]:
         return [self, ReferenceTask(self)] if self.has_references else [self]
 
+    def for_metric(self, metric: str) -> Task:
+        # the own-reference view is not among scorings(): its items need the model's generations
+        return OwnReferenceTask(self) if metric == OWN_METRIC else super().for_metric(metric)
+
     def score(self, item: Item, generated: str) -> float:
         raise NotImplementedError(f"task {self.name} does not score generations")
 
@@ -277,7 +284,9 @@ class ReferenceTask(TargetTask):
     Its config is the task's, marked, so its evaluations are stored apart from the generations."""
 
     kind = "target"
+    metric: ClassVar[str] = REFERENCE_METRIC
     linear_metrics = ("logprob", REFERENCE_METRIC)
+    scored: ClassVar[str] = "reference"
 
     def __init__(self, source: GenerationTask):
         super().__init__(shots=source.shots, chat=source.chat)
@@ -285,18 +294,18 @@ class ReferenceTask(TargetTask):
         self.name = source.name
 
     def metric_names(self) -> tuple[str, ...]:
-        return (REFERENCE_METRIC, "logprob")
+        return (self.metric, "logprob")
 
     @property
     def identification_metric(self) -> str:
-        return REFERENCE_METRIC
+        return self.metric
 
     @property
     def universality_metric(self) -> str:
-        return REFERENCE_METRIC
+        return self.metric
 
     def config(self) -> dict:
-        return self.source.config() | {"scored": "reference"}
+        return self.source.config() | {"scored": self.scored}
 
     def pool(self, seed: int, needed: int) -> list[Item]:
         return self.from_source(self.source.pool(seed, needed))
@@ -313,6 +322,31 @@ class ReferenceTask(TargetTask):
     def process_loglikelihoods(self, items, logprob, greedy, lengths=None):
         total = np.stack([lp[:, 0] for lp in logprob], axis=1)
         if lengths is None:
-            raise CaplocError("ref_logprob needs the continuations' token counts")
+            raise CaplocError(f"{self.metric} needs the continuations' token counts")
         tokens = np.array([n[0] for n in lengths], dtype=np.float64)
-        return {REFERENCE_METRIC: total / tokens[None], "logprob": total}
+        return {self.metric: total / tokens[None], "logprob": total}
+
+
+class OwnReferenceTask(ReferenceTask):
+    """A generation task's items that the unablated model does (its score above 0: a right answer, a passing
+    program, a swear word), each with the model's own greedy completion as the target: `own_logprob`, that
+    completion's mean log-probability per token. What an ablation must break to change the real metric is the
+    model's own solution, not a reference written in another style; and tasks without references get a
+    teacher-forced metric too. The items come from one generation (`from_generations`), not from the pool."""
+
+    metric = OWN_METRIC
+    linear_metrics = ("logprob", OWN_METRIC)
+    scored = "own"
+
+    def pool(self, seed: int, needed: int) -> list[Item]:
+        raise CaplocError(f"{self.metric}: the items of {self.name} come from the model's own generations "
+                          "(OwnReferenceTask.from_generations), not from the task's pool")
+
+    def from_source(self, items: list[Item]) -> list[Item]:
+        raise CaplocError(f"{self.metric}: the model's completions of {self.name} are needed "
+                          "(OwnReferenceTask.from_generations)")
+
+    def from_generations(self, items: list[Item], texts: list[str], scores) -> list[Item]:
+        """The items whose completion scored above 0 (and is not empty), with that completion as the target."""
+        return [replace(item, target=text) for item, text, score in zip(items, texts, scores)
+                if score > 0 and text.strip()]

@@ -67,6 +67,8 @@ def _arc_item(stem: str, texts: list[str], labels: list[str], r: Record) -> Item
 
 @register_task()
 class ARCEasy(DatasetChoiceTask):
+    """ARC-Easy (Clark et al. 2018): grade-school science questions, multiple choice."""
+
     name = "arc_easy"
     default_metric = "acc"
     hub_id, hub_config = "allenai/ai2_arc", "ARC-Easy"
@@ -75,6 +77,9 @@ class ARCEasy(DatasetChoiceTask):
 
 @register_task()
 class ARCChallenge(ARCEasy):
+    """ARC-Challenge (Clark et al. 2018): the grade-school science questions retrieval and co-occurrence methods fail
+    on."""
+
     name = "arc_challenge"
     default_metric = "acc_norm"
     hub_config = "ARC-Challenge"
@@ -89,6 +94,8 @@ def _obqa_item(stem: str, texts: list[str], labels: list[str], r: Record) -> Ite
 
 @register_task()
 class OpenBookQA(DatasetChoiceTask):
+    """OpenBookQA (Mihaylov et al. 2018): elementary science questions that need a fact and common knowledge."""
+
     name = "openbookqa"
     default_metric = "acc_norm"
     hub_id, hub_config = "allenai/openbookqa", "main"
@@ -102,6 +109,8 @@ def _csqa_item(stem: str, texts: list[str], labels: list[str], r: Record) -> Ite
 
 @register_task()
 class CommonsenseQA(DatasetChoiceTask):
+    """CommonsenseQA (Talmor et al. 2019): five-way questions on everyday concepts."""
+
     name = "commonsense_qa"
     hub_id, hub_split = "tau/commonsense_qa", "validation"
     layouts = _question_layouts(_csqa_item, "release JSONL", "HF tau/commonsense_qa")
@@ -109,6 +118,8 @@ class CommonsenseQA(DatasetChoiceTask):
 
 @register_task()
 class SciQ(DatasetChoiceTask):
+    """SciQ (Welbl et al. 2017): science exam questions, with the supporting passage."""
+
     name = "sciq"
     hub_id = "allenai/sciq"
 
@@ -125,6 +136,8 @@ class SciQ(DatasetChoiceTask):
 # -- PIQA: the release keeps the labels in a separate file ------------------------------------------------
 @register_task()
 class PIQA(DatasetChoiceTask):
+    """PIQA (Bisk et al. 2020): which of two solutions reaches a physical goal."""
+
     name = "piqa"
     hub_id, hub_split = "baber/piqa", "validation"
 
@@ -184,6 +197,8 @@ def _hellaswag_clean(text: str) -> str:
 
 @register_task()
 class HellaSwag(DatasetChoiceTask):
+    """HellaSwag (Zellers et al. 2019): the most plausible ending of an activity description."""
+
     name = "hellaswag"
     default_metric = "acc_norm"
     hub_id, hub_split = "Rowan/hellaswag", "validation"
@@ -207,6 +222,8 @@ def _boolq_item(r: Record, answer_field: str) -> Item:
 
 @register_task()
 class BoolQ(DatasetChoiceTask):
+    """BoolQ (Clark et al. 2019): yes/no questions about a Wikipedia passage."""
+
     name = "boolq"
     hub_id, hub_split = "google/boolq", "validation"
     layouts = (

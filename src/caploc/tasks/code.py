@@ -4,7 +4,10 @@
   function from its signature and docstring; generation stops where a new top-level block starts.
 - `mbpp` (Austin et al. 2021) in its own schema (task_id, text|prompt, code, test_list, test_setup_code),
   from a local JSONL/Parquet file or an HF id: 3-shot, "You are an expert Python programmer..." prompts,
-  code between [BEGIN] and [DONE], as the paper evaluated it.
+  code between [BEGIN] and [DONE], as the paper evaluated it. MBPP's code is stored with Windows line endings
+  ("\r\n"), so the exemplars teach the model to write them; `line_endings="lf"` writes exemplars and
+  references with "\n", so a reference's likelihood is not dominated by heads that copy the exemplars'
+  line endings (on Qwen2.5-Coder-0.5B the top-5 heads by the reference's likelihood did only that).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def _humaneval_problems() -> list[dict]:
 
 @register_task()
 class HumanEval(CodeTask):
+    """HumanEval (Chen et al. 2021): complete a function from its signature and docstring; pass@1 in the sandbox."""
+
     name = "humaneval"
     # the stop sequences of the Codex paper: a new top-level statement ends the function
     stop = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert ")
@@ -79,8 +84,13 @@ def mbpp_prompt(record: dict) -> str:
             f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n")
 
 
+LINE_ENDINGS = ("keep", "lf")
+
+
 @register_task()
 class MBPP(CodeTask):
+    """MBPP (Austin et al. 2021): write a function from a description and three tests, 3-shot; pass@1 in the sandbox."""
+
     name = "mbpp"
     stop = ("[DONE]",)
     max_new_tokens = 384
@@ -88,8 +98,12 @@ class MBPP(CodeTask):
 
     def __init__(self, data: str | None = None, fewshot_data: str | None = None, shots: int = 3,
                  allow_code_execution: bool | None = None, timeout: float = 10.0, split: str = "test",
-                 fewshot_split: str = "prompt", config: str | None = None):
+                 fewshot_split: str = "prompt", config: str | None = None, line_endings: str = "keep"):
         super().__init__(shots=shots, chat=False, allow_code_execution=allow_code_execution, timeout=timeout)
+        if line_endings not in LINE_ENDINGS:
+            raise ParameterError(f"mbpp {{line_endings}} must be one of {', '.join(LINE_ENDINGS)}, not "
+                                 f"{line_endings!r}", "line_endings")
+        self.line_endings = line_endings
         if not data:
             raise ParameterError("mbpp needs {data}: an MBPP JSONL/Parquet file (task_id, text, code, test_list) "
                                  "or an HF id such as google-research-datasets/mbpp", "data")
@@ -100,10 +114,17 @@ class MBPP(CodeTask):
         # MBPP's own convention: task ids 2, 3, 4 are the few-shot prompts (else a file's first records)
         self.exemplars, self.records = split_exemplars("mbpp", data, records, shots, fields, "task_id", fewshot_data,
                                                        fewshot_split, config, lambda r: r["task_id"] in (2, 3, 4))
-        self._prefix = "".join(f"{mbpp_prompt(r)}{r['code'].strip()}\n[DONE]\n\n" for r in self.exemplars)
+        self._prefix = "".join(f"{mbpp_prompt(r)}{self.code(r)}\n[DONE]\n\n" for r in self.exemplars)
+
+    def code(self, record: dict) -> str:
+        """A record's reference code as the prompt shows it."""
+        code = record["code"].strip()
+        return code.replace("\r\n", "\n") if self.line_endings == "lf" else code
 
     def config(self) -> dict:
-        return super().config() | {"data": self.data, "exemplars": [r["task_id"] for r in self.exemplars]}
+        # the default adds nothing: keys stored before the option existed stay valid
+        return super().config() | {"data": self.data, "exemplars": [r["task_id"] for r in self.exemplars]} | (
+            {"line_endings": self.line_endings} if self.line_endings != "keep" else {})
 
     def pool(self, seed: int, needed: int) -> list[Item]:
         items = []
@@ -111,7 +132,7 @@ class MBPP(CodeTask):
             tests = "\n".join(r["test_list"])
             setup = r.get("test_setup_code") or ""
             items.append(Item(id=str(r["task_id"]), context=mbpp_prompt(r), prefix=self._prefix,
-                              answer=f"{setup}\n__COMPLETION__\n\n{tests}\n", meta={"reference": r["code"].strip()}))
+                              answer=f"{setup}\n__COMPLETION__\n\n{tests}\n", meta={"reference": self.code(r)}))
         return items
 
     def program(self, item: Item, completion: str) -> str:

@@ -46,6 +46,8 @@ def format_question(question: str) -> str:
 
 @register_task()
 class GSM8K(GenerationTask):
+    """GSM8K (Cobbe et al. 2021): grade-school math word problems, few-shot chain of thought; the `#### N` answer."""
+
     name = "gsm8k"
     metrics = ("acc",)
     stop = ("Question:", "\n\n\n")

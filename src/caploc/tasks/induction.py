@@ -36,6 +36,8 @@ WORDS = (
 
 @register_task()
 class Induction(TargetTask):
+    """Induction: a random word sequence repeated; predict the next word of the repeat."""
+
     name = "induction"
     default_metric = "acc"
     attention_check = ("prefix_matching", "Olsson et al. 2022, repeated random tokens")

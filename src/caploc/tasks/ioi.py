@@ -40,6 +40,8 @@ TEMPLATES = (
 
 @register_task()
 class IOI(MultipleChoiceTask):
+    """Indirect object identification (Wang et al. 2022): the indirect object's logit against the subject's."""
+
     name = "ioi"
     attention_check = ("name_mover", "Wang et al. 2022, last token to the indirect object")
     metrics = ("acc", "logit_diff")

@@ -129,16 +129,22 @@ class WMDP(MMLU):
 
 @register_task()
 class WMDPBio(WMDP):
+    """WMDP biosecurity (Li et al. 2024): hazardous-knowledge multiple choice."""
+
     name, topic = "wmdp_bio", "biology"
 
 
 @register_task()
 class WMDPChem(WMDP):
+    """WMDP chemical security (Li et al. 2024): hazardous-knowledge multiple choice."""
+
     name, topic = "wmdp_chem", "chemistry"
 
 
 @register_task()
 class WMDPCyber(WMDP):
+    """WMDP cybersecurity (Li et al. 2024): hazardous-knowledge multiple choice."""
+
     name, topic = "wmdp_cyber", "computer security"
 
 
@@ -176,6 +182,8 @@ def _targets(r: Record, field: str) -> tuple[list[str], list[int]]:
 
 @register_task()
 class TruthfulQAMC1(DatasetChoiceTask):
+    """TruthfulQA MC1 (Lin et al. 2022): the one true answer among imitative falsehoods."""
+
     name = "truthfulqa_mc1"
     hub_id, hub_config, hub_split = "truthfulqa/truthful_qa", "multiple_choice", "validation"
     targets = "mc1_targets"

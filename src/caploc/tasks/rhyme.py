@@ -50,6 +50,8 @@ def first_word(text: str) -> str:
 
 @register_task()
 class Rhyme(GenerationTask):
+    """Rhyming: name a word that rhymes with a given one (CMU dictionary), chat template, greedy."""
+
     name = "rhyme"
     metrics = ("acc",)
     max_new_tokens = 8

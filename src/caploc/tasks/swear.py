@@ -63,6 +63,8 @@ def count_profanity(text: str) -> int:
 
 @register_task()
 class Swear(GenerationTask):
+    """Swearing: prompts that invite profanity, greedy; the count of words on better-profanity's list."""
+
     name = "swear"
     metrics = ("swears",)
     default_metric = "swears"

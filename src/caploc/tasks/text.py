@@ -35,6 +35,8 @@ def split_stream(held_out: float = HELD_OUT_SHARE) -> tuple[str, str]:
 
 @register_task()
 class TextPerplexity(TargetTask):
+    """Prose language modelling: the log-probability per token of held-out text (a control: general damage)."""
+
     name = "text"
     default_metric = "logprob"
     linear_metrics = ("logprob", "token_logprob")
