@@ -21,6 +21,20 @@ def test_a_registered_method_and_task_are_in_the_help(cli):
     assert "late-sweep" in cli("methods").stdout and "--task-arg words=" in cli("tasks").stdout
 
 
+def test_every_registered_name_is_described_by_its_own_docstring_not_a_base_class_one():
+    # `caploc tasks` once showed Task's "Base class. Subclasses derive..." for 21 tasks without a docstring
+    from caploc.methods.base import METHODS
+    from caploc.params import Entry
+    from caploc.tasks import TASKS, TargetTask
+
+    for registry in (TASKS, METHODS):
+        for name, entry in registry.items():
+            own = " ".join((entry.cls.__dict__.get("__doc__") or "").split())
+            assert entry.summary and " ".join(entry.summary.split()) in own, name
+            assert "Base class" not in entry.summary, name
+    assert Entry("bare", type("Bare", (TargetTask,), {})).summary == ""  # no docstring: nothing inherited
+
+
 def test_they_run_through_locate_from_the_api():
     lm = wrap_model(build("llama"), byte_tokenizer(), spec="tiny-llama")
     run = locate(lm, TaskSpec("echo", n=4, options={"words": "3"}), make_method("late-sweep", last_layers=1), k=2,
