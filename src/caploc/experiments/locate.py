@@ -156,7 +156,8 @@ def _locate_one(rt: Runtime, spec: TaskSpec, method: Method, k: int | str, crite
         model=lm.describe(), task=task.config(), task_options=spec.recorded(),
         method={"name": method.name, **method.params()},
         # n: the items drawn for identification (held-out items start after them), own_logprob keeps those done
-        k=k, n=own["drawn"] if own else len(id_items), n_validate=len(held_out), seed=seed, mode=identify.mode, metric=metric,
+        k=k, n=own["drawn"] if own else len(id_items), n_validate=len(held_out), seed=seed, mode=identify.mode,
+        metric=metric,
         extra=({"k_asked": asked} if asked == AUTO_K else {})
         | ({"own_reference": {"drawn": own["drawn"], "done": len(id_items)}} if own else {}),
         control={"tasks": [t.config() for t in control_tasks], "metrics": objective.control_metrics,

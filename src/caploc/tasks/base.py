@@ -7,9 +7,10 @@ raw log-likelihoods or generations into per-item scores (as lm-evaluation-harnes
 - `MultipleChoiceTask`: multiple choice by log-likelihood: `acc`, `acc_norm` (per-character normalized),
   `logprob` of the correct choice, and `logprob_all`, the mean log-likelihood of all choices.
 - `GenerationTask`: greedy generation up to a stop string, scored by the task (`score`). Where the task
-  knows a reference continuation (a reference solution, the canonical code), `reference_view()` is the
-  same items as a target task scored by the reference's mean log-probability per token (`ref_logprob`):
-  identification by one teacher-forced pass per mask instead of generation, with gradients. Any generation
+  knows a reference continuation (a reference solution, the canonical code), its reference view
+  (`ReferenceTask`) is the same items as a target task scored by the reference's mean log-probability per
+  token (`ref_logprob`): identification by one teacher-forced pass per mask instead of generation, with
+  gradients. Any generation
   task also has an own-reference view (`own_logprob`): the items the unablated model does, each with its own
   greedy completion as the target; built from one generation (`OwnReferenceTask.from_generations`).
 

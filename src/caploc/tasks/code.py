@@ -5,9 +5,10 @@
 - `mbpp` (Austin et al. 2021) in its own schema (task_id, text|prompt, code, test_list, test_setup_code),
   from a local JSONL/Parquet file or an HF id: 3-shot, "You are an expert Python programmer..." prompts,
   code between [BEGIN] and [DONE], as the paper evaluated it. MBPP's code is stored with Windows line endings
-  ("\r\n"), so the exemplars teach the model to write them; `line_endings="lf"` writes exemplars and
-  references with "\n", so a reference's likelihood is not dominated by heads that copy the exemplars'
-  line endings (on Qwen2.5-Coder-0.5B the top-5 heads by the reference's likelihood did only that).
+  (CR LF), so the exemplars teach the model to write them; `line_endings="lf"` writes exemplars and
+  references with LF only, so a reference's likelihood is not dominated by heads that copy the exemplars'
+  line endings (on Qwen2.5-Coder-0.5B, the five heads the reference's likelihood ranked highest stopped the
+  CR LF and left pass@1 as it was).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ LINE_ENDINGS = ("keep", "lf")
 
 @register_task()
 class MBPP(CodeTask):
-    """MBPP (Austin et al. 2021): write a function from a description and three tests, 3-shot; pass@1 in the sandbox."""
+    """MBPP (Austin et al. 2021): write a function from a description and its tests, 3-shot; pass@1 in the
+    sandbox."""
 
     name = "mbpp"
     stop = ("[DONE]",)
