@@ -203,7 +203,7 @@ def lacks_capability(lm, task, args, seed, store) -> dict | None:
     has the capability: accuracy-like metrics at least LOW_BASELINE, counts (swear words) above zero."""
     metric = real_metric(task)
     items = task.items(args.n_heldout, seed, offset=args.n)
-    baseline = float(Evaluator(lm, task, items, store=store).evaluate([[]]).scores[metric].mean())
+    baseline = float(Evaluator(lm, task, items, store=store).baseline().scores[metric].mean())
     floor = LOW_BASELINE if metric in ("acc", "pass@1") else 0.0
     if (baseline >= floor) if floor else (baseline > 0):  # an accuracy reaches the floor, a count is above zero
         return None

@@ -129,7 +129,7 @@ def _locate_one(rt: Runtime, spec: TaskSpec, method: Method, k: int | str, crite
     excluded = sorted({lm.layout.index(h) for h in lm.layout.parse_list(options.exclude)
                        + lm.layout.parse_list(universal)})
     n_validate = spec.n_validate or n
-    own = own_references(rt, task, task.items(n, seed)) if metric == OWN_METRIC else None
+    own = own_references(rt, task, scoring, task.items(n, seed)) if metric == OWN_METRIC else None
     id_items = own["items"] if own else scoring.items(n, seed)
     held_out = task.items(n_validate, seed, offset=n)
     identify = rt.evaluator(scoring, id_items)
@@ -191,13 +191,12 @@ def _locate_one(rt: Runtime, spec: TaskSpec, method: Method, k: int | str, crite
     return located
 
 
-def own_references(rt: Runtime, task: Task, items: list) -> dict:
+def own_references(rt: Runtime, task: Task, view, items: list) -> dict:
     """`own_logprob`'s identification items: the unablated model generates once (stored like any evaluation),
-    and the items it does keep its completion as their target."""
+    and the items it does keep its completion as their target (`view`: the task's OwnReferenceTask)."""
     generate = rt.evaluator(task, items)
     baseline = generate.baseline()
-    done = task.for_metric(OWN_METRIC).from_generations(items, baseline.texts[0],
-                                                         baseline.scores[task.metric_names()[0]][0])
+    done = view.from_generations(items, baseline.texts[0], baseline.scores[task.metric_names()[0]][0])
     if not done:
         raise CaplocError(f"{OWN_METRIC}: the model does none of the {len(items)} identification items of "
                           f"{task.name} (its {task.metric_names()[0]} is 0 on each); use --metric "
