@@ -6,18 +6,20 @@ it, and at the intact model its gradient is flat. `joint` proposes heads in grou
 
 1. A pool. (a) Layer screen: every layer's heads ablated together (one exact mask per layer); the `layers`
    layers with the best criterion bring all their heads, so a group that sits in one layer is in the pool
-   whether or not any of its heads matters alone. (b) Learned gates: every head gets an ablation amount s in
-   [0, 1] (its multiplier is 1 - s, on the sites ablation uses), and projected gradient ascent on the
-   criterion under a budget sum(s) <= 2k moves the amounts jointly (as some heads are turned down, the
+   whether or not any of its heads matters alone. The price: among a layer's many ablated heads the gradient
+   pruning below can restore one the set needs (`--layers 0` leaves the layers to the layer challenge;
+   docs/results.md has both, neither better on every task). (b) Learned gates: every head gets an ablation
+   amount s in [0, 1] (its multiplier is 1 - s, on the sites ablation uses), and projected gradient ascent on
+   the criterion under a budget sum(s) <= 2k moves the amounts jointly (as some heads are turned down, the
    gradient of their backups grows); the heads with the largest amounts join. (c) The largest first-order
    effects at the intact model (AtP) join.
 2. Backward elimination from the whole pool ablated. While the set is larger than `exact_from` (default 2k),
    the gradient at the set (heads in it held at 0) estimates what restoring each one would cost the criterion,
-   and the cheapest half of the excess is restored, then the rest of it; from there, every leave-one-out mask is evaluated exactly
-   and the head whose restoration costs least is restored, one at a time, down to k. Restoring one head of a
-   redundant pair whose partner is still ablated brings the capability back, so both are kept. With k =
-   "auto" it goes down to one head and keeps the smallest set that still removes `auto_share` of what the set
-   at `exact_from` removes; the curve is in the details.
+   and the cheapest half of the excess is restored, then the rest of it; from there, every leave-one-out mask
+   is evaluated exactly and the head whose restoration costs least is restored, one at a time, down to k.
+   Restoring one head of a redundant pair whose partner is still ablated brings the capability back, so both
+   are kept. With k = "auto" it goes down to one head and keeps the smallest set that still removes
+   `auto_share` of what the set at `exact_from` removes; the curve is in the details.
 3. The layer challenge (`methods.groups`), then exchange passes (`methods.exchange`), test the set against
    its closest competitors.
 """
