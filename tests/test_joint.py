@@ -37,6 +37,17 @@ def test_joint_finds_the_pair_that_greedy_atp_and_refine_alone_miss(redundant):
     assert set(make_method("refine", layer_challenge=False).run(_objective(redundant), 2).top(2)) != pair
 
 
+def test_without_the_layer_screen_the_pair_comes_from_the_layer_challenge(redundant):
+    """`layers=0`: each head of the pair alone is flat, so the gates never move it and elimination never sees
+    it; the layer challenge, testing the pair's layer against the set found, brings it in."""
+    lm, _ = redundant
+    pair = {lm.layout.index(h) for h in REDUNDANT}
+    assert set(JointSearch(layers=0, layer_challenge=False).run(_objective(redundant), 2).top(2)) != pair
+    run = JointSearch(layers=0).run(_objective(redundant), 2)
+    assert set(run.top(2)) == pair and set(run.details["layer_challenge"]["set"]) == pair
+    assert run.details["layer_criterion"] == [] and not set(run.details["pool"]) >= pair
+
+
 def test_the_layer_challenge_gives_refine_the_pair(redundant):
     """The pair shares a layer: that layer ablated whole beats greedy's set, and elimination narrows it to the
     pair; the challenge's record says so."""
