@@ -20,9 +20,9 @@ Methods run as the paper defines them (no control: greedy, 1s-greedy, csb, css, 
 control-aware default (`refine`, control `general`), and the joint search (`joint`, controls `general` and
 `text`; `joint-layers0` without its layer screen), plus any --extra refine variants; `greedy+control` is
 iterative greedy under the default's criterion (refine over every head), run on --greedy-seeds like greedy.
-Percentages are of the paper's greedy. On IOI, every run also measures which heads take over when its set is ablated (the backup name movers): the gradient
-on top of the set nominates 10 heads, and each one's exact drop on top of the set is set against its drop
-alone.
+Percentages are of the paper's greedy. On IOI, every run also measures which heads take over when its set is
+ablated (the backup name movers): the gradient on top of the set nominates 10 heads, and each one's exact
+drop on top of the set is set against its drop alone.
 
 Usage: python bench/locate_quality.py [--tasks arithmetic,induction,ioi] [--methods refine,joint,greedy]
        [--seeds 0,1,2] [--n 40] [--greedy-seeds 0] [--json bench/locate_quality_TASKS.json]

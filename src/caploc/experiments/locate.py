@@ -195,11 +195,11 @@ def own_references(rt: Runtime, task: Task, view, items: list) -> dict:
     """`own_logprob`'s identification items: the unablated model generates once (stored like any evaluation),
     and the items it does keep its completion as their target (`view`: the task's OwnReferenceTask)."""
     generate = rt.evaluator(task, items)
-    baseline = generate.baseline()
-    done = view.from_generations(items, baseline.texts[0], baseline.scores[task.metric_names()[0]][0])
+    baseline, real_metric = generate.baseline(), task.metric_names()[0]
+    done = view.from_generations(items, baseline.texts[0], baseline.scores[real_metric][0])
     if not done:
         raise CaplocError(f"{OWN_METRIC}: the model does none of the {len(items)} identification items of "
-                          f"{task.name} (its {task.metric_names()[0]} is 0 on each); use --metric "
+                          f"{task.name} (its {real_metric} is 0 on each); use --metric "
                           f"{task.identification_metric}")
     return {"items": done, "drawn": len(items), "evaluator": generate}
 

@@ -10,9 +10,9 @@ raw log-likelihoods or generations into per-item scores (as lm-evaluation-harnes
   knows a reference continuation (a reference solution, the canonical code), its reference view
   (`ReferenceTask`) is the same items as a target task scored by the reference's mean log-probability per
   token (`ref_logprob`): identification by one teacher-forced pass per mask instead of generation, with
-  gradients. Any generation
-  task also has an own-reference view (`own_logprob`): the items the unablated model does, each with its own
-  greedy completion as the target; built from one generation (`OwnReferenceTask.from_generations`).
+  gradients. Any generation task also has an own-reference view (`own_logprob`): the items the unablated
+  model does, each with its own greedy completion as the target; built from one generation
+  (`OwnReferenceTask.from_generations`).
 
 Tasks register themselves (`@register_task()` on the class): the registry `TASKS` is what builds a task by
 name, and what the command line lists. A task's parameters are its `__init__`'s (`caploc.params`).
