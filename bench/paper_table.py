@@ -12,6 +12,7 @@ the model does not do (held-out accuracy or pass@1 below 0.1, or no swear word a
     python bench/paper_table.py --model qwen2.5-coder-0.5b --tasks 2D+,mbpp,humaneval --seeds 0,1,2
     python bench/paper_table.py --model qwen2.5-coder-1.5b --tasks gsm8k,mbpp --seeds 0
     python bench/paper_table.py --tasks mbpp --seeds 0 --methods refine --import-run "mbpp:refine seed 0=runs/mbpp/result.json"
+    python bench/paper_table.py --model qwen2.5-coder-0.5b --tasks 2D+ --methods joint --option joint:layer_keep=5
 
 `--metric own_logprob` identifies on the model's own completions of the identification items it does, instead of the
 dataset's references (runs labelled `refine/own_logprob seed 0`).
@@ -49,6 +50,18 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PAPER_METHODS = {"css": {"n_masks": 100, "sparsity": 0.05}, "1s-greedy": {}}
 POOL_SIZES = {"swear": {"n": 12, "n_heldout": 12}}  # identification and held-out items where the pool is small
 CONTROLS = {"refine": "general", "joint": "general,text"}  # the paper's methods run without a control
+
+
+def method_options(given: list[str]) -> dict[str, dict]:
+    """--option METHOD:NAME=VALUE (numbers as numbers), by method."""
+    options = {}
+    for option in given:
+        method, _, assignment = option.partition(":")
+        key, _, value = assignment.partition("=")
+        if not (method and key and value):
+            raise SystemExit(f"--option {option!r}: expected METHOD:NAME=VALUE, e.g. joint:layer_keep=5")
+        options.setdefault(method, {})[key] = json.loads(value) if value[0] in "-0123456789" else value
+    return options
 
 
 def task_spec(name: str) -> dict:
@@ -93,6 +106,9 @@ def main():
     parser.add_argument("--bootstrap", type=int, default=0)
     parser.add_argument("--store", default="bench/paper_table.sqlite")
     parser.add_argument("--json", default=None, help="default: bench/paper_table_MODEL.json")
+    parser.add_argument("--option", action="append", default=[], metavar="METHOD:NAME=VALUE",
+                        help="a method parameter ('joint:layer_keep=5'); repeatable; the runs are labelled "
+                        "METHOD[NAME=VALUE]")
     parser.add_argument("--import-run", action="append", default=[], metavar="TASK:LABEL=RESULT_JSON",
                         help="a CLI locate's result.json as the entry LABEL ('refine seed 0') of TASK; repeatable")
     args = parser.parse_args()
@@ -108,6 +124,7 @@ def main():
     methods = args.methods.split(",")
     general = get_task("general")
     imported = imported_runs(args)
+    options = method_options(args.option)
     for name in args.tasks.split(","):
         spec = task_spec(name)
         task = get_task(spec["task"], **{k: v for k, v in spec.items() if k != "task" and v is not None})
@@ -125,7 +142,9 @@ def main():
             continue
         for method in methods:
             for seed in seeds if method in args.every_seed.split(",") else seeds[:1]:
-                label = f"{method}/{args.metric} seed {seed}" if args.metric else f"{method} seed {seed}"
+                params = PAPER_METHODS.get(method, {}) | options.get(method, {})
+                entry = method + "".join(f"[{k}={v}]" for k, v in options.get(method, {}).items())
+                label = f"{entry}/{args.metric} seed {seed}" if args.metric else f"{entry} seed {seed}"
                 if label in row["runs"]:
                     continue
                 control = CONTROLS.get(method, "none")
@@ -134,7 +153,7 @@ def main():
                 n_validate = task_args.n_heldout if seed == seeds[0] else 10
                 t0 = time.perf_counter()
                 run = locate(lm, TaskSpec(task, n=task_args.n, n_validate=n_validate, seed=seed),
-                             make_method(method, **PAPER_METHODS.get(method, {})), k=task_args.k,
+                             make_method(method, **params), k=task_args.k,
                              criterion=Criterion(metric=args.metric, control=control),
                              options=LocateOptions(bootstrap=task_args.bootstrap), evaluation=evaluation)
                 row["runs"][label] = run_entry(run, task_args.k) | {"wall_seconds": round(time.perf_counter() - t0, 1)}

@@ -48,6 +48,21 @@ def test_without_the_layer_screen_the_pair_comes_from_the_layer_challenge(redund
     assert run.details["layer_criterion"] == [] and not set(run.details["pool"]) >= pair
 
 
+def test_a_screened_layer_pruned_at_that_layer_ablated_keeps_the_pair(redundant):
+    """`layer_keep`: the pair's layer (8 heads) is pruned by the gradient with that layer ablated, where
+    restoring either copy brings the answer back, so the pair's heads are the two it keeps; the other six never
+    join the pool."""
+    lm, _ = redundant
+    pair = {lm.layout.index(h) for h in REDUNDANT}
+    run = JointSearch(layers=1, layer_keep=2, steps=0, layer_challenge=False).run(_objective(redundant), 2)
+    layer = {lm.layout.index(h) for h in lm.layout.all_heads() if h.layer == REDUNDANT[0].layer}
+    assert set(run.top(2)) == pair
+    assert set(run.details["pool"]) & layer == pair
+    assert {r["layer"] for r in run.details["layer_pruning"]} == {REDUNDANT[0].layer}
+    assert run.details["gradient_points"] == 1 + len(run.details["layer_pruning"]) + len(run.details["pruning"]) \
+        + len(run.details["exchanges"])
+
+
 def test_the_layer_challenge_gives_refine_the_pair(redundant):
     """The pair shares a layer: that layer ablated whole beats greedy's set, and elimination narrows it to the
     pair; the challenge's record says so."""

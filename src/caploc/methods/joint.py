@@ -7,8 +7,10 @@ it, and at the intact model its gradient is flat. `joint` proposes heads in grou
 1. A pool. (a) Layer screen: every layer's heads ablated together (one exact mask per layer); the `layers`
    layers with the best criterion bring all their heads, so a group that sits in one layer is in the pool
    whether or not any of its heads matters alone. The price: among a layer's many ablated heads the gradient
-   pruning below can restore one the set needs (`--layers 0` leaves the layers to the layer challenge;
-   docs/results.md has both, neither better on every task). (b) Learned gates: every head gets an ablation
+   pruning below can restore one the set needs. `--layers 0` leaves the layers to the layer challenge;
+   `--layer-keep N` prunes each screened layer to N heads first, by the gradient with only that layer ablated
+   (a pair inside the layer stays: restoring either copy brings the answer back). docs/results.md has all
+   three, none better on every task. (b) Learned gates: every head gets an ablation
    amount s in [0, 1] (its multiplier is 1 - s, on the sites ablation uses), and projected gradient ascent on
    the criterion under a budget sum(s) <= 2k moves the amounts jointly (as some heads are turned down, the
    gradient of their backups grows); the heads with the largest amounts join. (c) The largest first-order
@@ -63,8 +65,10 @@ class JointSearch(Method):
     name = "joint"
     supports_auto_k = True
 
-    def __init__(self, layers: Annotated[int, Param("joint: layers whose heads all join the pool (by their "
+    def __init__(self, layers: Annotated[int, Param("joint: layers whose heads join the pool (by their whole "
                                                     "ablation's criterion)")] = 2,
+                 layer_keep: Annotated[int, Param("joint: heads each screened layer keeps, pruned by the gradient "
+                                                  "at that layer ablated (0: all of them)")] = 0,
                  steps: Annotated[int, Param("joint: gradient steps of the learned gates (0: none)")] = 4,
                  exact_from: Annotated[int | None, Param("joint: set size below which elimination is exact "
                                                          "(default 2 x k)")] = None,
@@ -73,6 +77,7 @@ class JointSearch(Method):
                  exchange_passes: PASSES = DEFAULT_EXCHANGE, exchange_swaps: SWAPS = DEFAULT_SWAPS,
                  layer_challenge: LAYERS = True):
         self.layers = layers
+        self.layer_keep = layer_keep
         self.steps = steps
         self.exact_from = exact_from
         self.auto_share = auto_share
@@ -81,13 +86,20 @@ class JointSearch(Method):
         self.layer_challenge = layer_challenge
 
     # -- 1. the pool ---------------------------------------------------------------------------------------
-    def layer_screen(self, objective: Objective) -> tuple[list[int], list[float]]:
-        """Each layer's heads ablated together; the heads of the best `layers` layers, and every layer's
-        criterion (NaN where its controls could not change which layers are best, so were not evaluated)."""
+    def layer_screen(self, objective: Objective) -> tuple[list[int], list[float], list[dict]]:
+        """Each layer's heads ablated together; the heads of the best `layers` layers (each pruned to
+        `layer_keep` at that layer ablated, where set), every layer's criterion (NaN where its controls could
+        not change which layers are best, so were not evaluated) and the pruning records."""
         groups = layer_groups(objective)
         criterion, target, _ = bounded_effects(objective, objective.set_masks(groups), keep=self.layers)
         best = np.lexsort((-target, -np.nan_to_num(criterion, nan=-np.inf)))[: self.layers]
-        return [h for layer in best for h in groups[int(layer)]], [float(c) for c in criterion]
+        heads, records = [], []
+        for layer in best:
+            kept, pruning = (prune(objective, groups[int(layer)], self.layer_keep) if self.layer_keep
+                             else (groups[int(layer)], []))
+            heads += kept
+            records += [r | {"layer": int(layer)} for r in pruning]
+        return heads, [float(c) for c in criterion], records
 
     def gates(self, objective: Objective, budget: float) -> tuple[np.ndarray, list[float]]:
         """Projected gradient ascent on the criterion over ablation amounts (start: the budget spread evenly)."""
@@ -119,8 +131,8 @@ class JointSearch(Method):
         per_layer = objective.per_layer
         first, first_control = objective.estimated_drops()
         by_effect = [int(i) for i in np.argsort(-objective.specificity(first, first_control), kind="stable")]
-        layer_heads, layer_criterion = (self.layer_screen(objective) if per_layer and self.layers
-                                        else ([], []))
+        layer_heads, layer_criterion, layer_pruning = (self.layer_screen(objective) if per_layer and self.layers
+                                                       else ([], [], []))
         gates, gate_values = self.gates(objective, 2.0 * size) if self.steps else (np.zeros(len(first)), [])
         by_gate = [int(i) for i in np.argsort(-gates, kind="stable")] if self.steps else []
         pool = list(dict.fromkeys(layer_heads + by_gate[: 2 * size] + by_effect[:size]))
@@ -138,13 +150,13 @@ class JointSearch(Method):
                                          self.exchange_swaps, objective.estimated_drops)
         order = chosen + [i for i in group + pool + by_gate + by_effect if i not in chosen]
         order = list(dict.fromkeys(order + list(range(objective.n_components))))
-        details = {"layer_criterion": layer_criterion, "gates": gates.tolist(), "gate_criterion": gate_values,
-                   "pool": pool, "pruning": pruning, "group": group, "elimination": curve, "layer_challenge": challenge,
-                   "exchanges": exchanges,
+        details = {"layer_criterion": layer_criterion, "layer_pruning": layer_pruning, "gates": gates.tolist(),
+                   "gate_criterion": gate_values, "pool": pool, "pruning": pruning, "group": group,
+                   "elimination": curve, "layer_challenge": challenge, "exchanges": exchanges,
                    "k": len(chosen), "auto": k in (AUTO, None),
-                   # forward + backward passes: the intact model's, one per gate step and pruning step, one per
-                   # exchange pass
-                   "gradient_points": 1 + len(gate_values) + len(pruning) + len(exchanges)
+                   # forward + backward passes: the intact model's, one per gate step and pruning step (the
+                   # screened layers' and the pool's), one per exchange pass
+                   "gradient_points": 1 + len(gate_values) + len(layer_pruning) + len(pruning) + len(exchanges)
                    + (challenge or {}).get("gradient_points", 0)}
         if details["auto"]:
             details["auto_share"] = self.auto_share
