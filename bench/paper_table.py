@@ -53,14 +53,17 @@ CONTROLS = {"refine": "general", "joint": "general,text"}  # the paper's methods
 
 
 def method_options(given: list[str]) -> dict[str, dict]:
-    """--option METHOD:NAME=VALUE (numbers as numbers), by method."""
+    """--option METHOD:NAME=VALUE (numbers and true/false as JSON reads them), by method."""
     options = {}
     for option in given:
         method, _, assignment = option.partition(":")
         key, _, value = assignment.partition("=")
         if not (method and key and value):
             raise SystemExit(f"--option {option!r}: expected METHOD:NAME=VALUE, e.g. joint:layer_keep=5")
-        options.setdefault(method, {})[key] = json.loads(value) if value[0] in "-0123456789" else value
+        try:
+            options.setdefault(method, {})[key] = json.loads(value)
+        except json.JSONDecodeError:  # a word: the value as written
+            options.setdefault(method, {})[key] = value
     return options
 
 

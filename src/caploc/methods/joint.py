@@ -10,11 +10,11 @@ it, and at the intact model its gradient is flat. `joint` proposes heads in grou
    pruning below can restore one the set needs. `--layers 0` leaves the layers to the layer challenge;
    `--layer-keep N` prunes each screened layer to N heads first, by the gradient with only that layer ablated
    (a pair inside the layer stays: restoring either copy brings the answer back). docs/results.md has all
-   three, none better on every task. (b) Learned gates: every head gets an ablation
-   amount s in [0, 1] (its multiplier is 1 - s, on the sites ablation uses), and projected gradient ascent on
-   the criterion under a budget sum(s) <= 2k moves the amounts jointly (as some heads are turned down, the
-   gradient of their backups grows); the heads with the largest amounts join. (c) The largest first-order
-   effects at the intact model (AtP) join.
+   three, none better on every task. (b) Learned gates: every head gets an ablation amount s in [0, 1] (its
+   multiplier is 1 - s, on the sites ablation uses), and projected gradient ascent on the criterion under a
+   budget sum(s) <= 2k moves the amounts jointly (as some heads are turned down, the gradient of their backups
+   grows); the heads with the largest amounts join. (c) The largest first-order effects at the intact model
+   (AtP) join.
 2. Backward elimination from the whole pool ablated. While the set is larger than `exact_from` (default 2k),
    the gradient at the set (heads in it held at 0) estimates what restoring each one would cost the criterion,
    and the cheapest half of the excess is restored, then the rest of it; from there, every leave-one-out mask
