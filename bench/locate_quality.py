@@ -50,6 +50,18 @@ from caploc.tasks import get_task
 TASK_OPTIONS = {"arithmetic": {"subtask": "2D+"}, "induction": {}, "ioi": {}}
 PAPER_METHODS = {"greedy": {}, "1s-greedy": {}, "csb": {"n_masks": 100, "sparsity": 0.05},
                  "css": {"n_masks": 100, "sparsity": 0.05}, "atp": {}}
+# --methods names run under a control: (label, method, its parameters, control)
+CONTROL_AWARE = {
+    "refine": ("refine (default, control general)", "refine", {}, "general"),
+    # the joint search, with prose as a second control (what early heads break)
+    "joint": ("joint (control general,text)", "joint", {}, "general,text"),
+    # without the layer screen in its pool
+    "joint-layers0": ("joint --layers 0 (control general,text)", "joint", {"layers": 0}, "general,text"),
+    # the layer screen's layers each pruned to 5 heads before they join the pool
+    "joint-keep5": ("joint --layer-keep 5 (control general,text)", "joint", {"layer_keep": 5}, "general,text"),
+    # greedy under the default's criterion: what refine restricts
+    "greedy+control": ("greedy (control general)", "greedy", {}, "general"),
+}
 
 
 def main():
@@ -93,20 +105,8 @@ def main():
     text_eval = Evaluator(lm, text, text.items(args.n_text, seed=0), store=store)  # no method's control here
     text_base = text_eval.baseline().scores["logprob"][0]
     print(f"held-out general items: {len(general_items)}; text chunks: {args.n_text}", flush=True)
-    configs = []  # (label, method, its parameters, control)
-    for name in args.methods.split(","):
-        if name == "refine":
-            configs.append(("refine (default, control general)", "refine", {}, "general"))
-        elif name == "joint":  # the joint search, with prose as a second control (what early heads break)
-            configs.append(("joint (control general,text)", "joint", {}, "general,text"))
-        elif name == "joint-layers0":  # the joint search without the layer screen in its pool
-            configs.append(("joint --layers 0 (control general,text)", "joint", {"layers": 0}, "general,text"))
-        elif name == "joint-keep5":  # the layer screen's layers each pruned to 5 heads before they join the pool
-            configs.append(("joint --layer-keep 5 (control general,text)", "joint", {"layer_keep": 5}, "general,text"))
-        elif name == "greedy+control":  # greedy under the default's criterion: what refine restricts
-            configs.append(("greedy (control general)", "greedy", {}, "general"))
-        else:
-            configs.append((name, name, PAPER_METHODS[name], "none"))
+    # (label, method, its parameters, control)
+    configs = [CONTROL_AWARE.get(name) or (name, name, PAPER_METHODS[name], "none") for name in args.methods.split(",")]
     for variant in filter(None, args.extra.split(",")):
         screen, m, *passes = variant.split(":")
         passes = int(passes[0]) if passes else 0

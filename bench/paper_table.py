@@ -41,6 +41,9 @@ from caploc import (CaplocError, Criterion, EvalOptions, LocateOptions, LocateRe
                     make_method)
 from caploc.evaluator import Evaluator
 from caploc.experiments.locate import DEFAULT_N_CONTROL
+from caploc.experiments.specs import parse_assignments
+from caploc.methods import METHODS
+from caploc.params import coerce
 from caploc.stats import LOW_BASELINE, paired_drop
 from caploc.store import EvalStore
 from caploc.tasks import get_task
@@ -53,18 +56,20 @@ CONTROLS = {"refine": "general", "joint": "general,text"}  # the paper's methods
 
 
 def method_options(given: list[str]) -> dict[str, dict]:
-    """--option METHOD:NAME=VALUE (numbers and true/false as JSON reads them), by method."""
-    options = {}
+    """--option METHOD:NAME=VALUE, by method, each value typed by the method's declaration (as the CLI's)."""
+    by_method = {}
     for option in given:
         method, _, assignment = option.partition(":")
-        key, _, value = assignment.partition("=")
-        if not (method and key and value):
-            raise SystemExit(f"--option {option!r}: expected METHOD:NAME=VALUE, e.g. joint:layer_keep=5")
-        try:
-            options.setdefault(method, {})[key] = json.loads(value)
-        except json.JSONDecodeError:  # a word: the value as written
-            options.setdefault(method, {})[key] = value
-    return options
+        by_method.setdefault(method, []).append(assignment)
+    try:
+        options = {}
+        for method, assignments in by_method.items():
+            declared = {p.name: p for p in METHODS[method].params}
+            options[method] = {name: coerce(value, declared[name].annotation, name) if name in declared else value
+                               for name, value in parse_assignments(assignments, "option").items()}
+        return options
+    except CaplocError as exc:  # one line, before the model loads
+        raise SystemExit(f"--option: {exc} (METHOD:NAME=VALUE, e.g. joint:layer_keep=5)") from None
 
 
 def task_spec(name: str) -> dict:
