@@ -141,7 +141,9 @@ def main():
         task_args = table_args(args, name)
         row["params"] = vars(task_args)  # the top-level params are the last invocation's
         started = time.perf_counter()
-        lacking = lacks_capability(lm, task, task_args, seeds[0], store)
+        # the real metric's held-out items: the first seed's, after its identification items
+        held_items = task.items(task_args.n_heldout, seeds[0], offset=task_args.n)
+        lacking = lacks_capability(lm, task, held_items, store)
         if lacking:
             # a head that "carries" a capability the model does not have is measured on noise: say so, locate nothing
             print(f"{args.model} {name}: {lacking['reason']}; no locate", flush=True)
@@ -168,7 +170,7 @@ def main():
                 print(f"{args.model} {name} {label}: {row['runs'][label]}", flush=True)
                 tables[name] = row
                 write(out, args, tables)
-        held_out = held_out_table(lm, task, row, task_args, seeds[0], store, general)
+        held_out = held_out_table(lm, task, row, task_args, held_items, seeds[0], store, general)
         row["held_out"] = held_out
         row["overlap"] = {}
         for method in dict.fromkeys(label.split(" seed ")[0] for label in row["runs"]):
@@ -225,11 +227,10 @@ def imported_runs(args) -> dict[str, dict[str, dict]]:
     return runs
 
 
-def lacks_capability(lm, task, args, seed, store) -> dict | None:
+def lacks_capability(lm, task, items, store) -> dict | None:
     """The unablated real metric on the held-out items (the store keeps it for the table), or None when the model
     has the capability: accuracy-like metrics at least LOW_BASELINE, counts (swear words) above zero."""
     metric = real_metric(task)
-    items = task.items(args.n_heldout, seed, offset=args.n)
     baseline = float(Evaluator(lm, task, items, store=store).baseline().scores[metric].mean())
     floor = LOW_BASELINE if metric in ("acc", "pass@1") else 0.0
     if (baseline >= floor) if floor else (baseline > 0):  # an accuracy reaches the floor, a count is above zero
@@ -239,7 +240,7 @@ def lacks_capability(lm, task, args, seed, store) -> dict | None:
             "reason": f"the model does not have the capability: {what}"}
 
 
-def held_out_table(lm, task, row, args, seed, store, general) -> dict:
+def held_out_table(lm, task, row, args, items, seed, store, general) -> dict:
     """Every run's top-k (every seed's, on the first seed's held-out items) and the random sets, ablated: the
     real metric, the reference's log-probability where the task has one, and held-out `general` accuracy."""
     layout = lm.layout
@@ -247,7 +248,6 @@ def held_out_table(lm, task, row, args, seed, store, general) -> dict:
     randoms = random_sets(layout.n_total, args.k, args.random_draws, seed)
     masks = [[]] + list(sets.values()) + randoms
     out = {"n": args.n_heldout, "runs": {}, "random": {}}
-    items = task.items(args.n_heldout, seed, offset=args.n)
 
     def record(metric, values):
         base = values[0]
