@@ -247,7 +247,7 @@ def held_out_table(lm, task, row, args, items, seed, store, general) -> dict:
     sets = {label: [layout.index(layout.parse(h)) for h in r["top"]] for label, r in row["runs"].items()}
     randoms = random_sets(layout.n_total, args.k, args.random_draws, seed)
     masks = [[]] + list(sets.values()) + randoms
-    out = {"n": args.n_heldout, "runs": {}, "random": {}}
+    out = {"n": len(items), "runs": {}, "random": {}}
 
     def record(metric, values):
         base = values[0]
@@ -264,7 +264,6 @@ def held_out_table(lm, task, row, args, items, seed, store, general) -> dict:
         scores = Evaluator(lm, scoring, scoring.from_source(items), store=store, progress=True).evaluate(masks).scores
         for metric, values in scores.items():
             record(metric, values)
-    out["n"] = len(items)
     # general accuracy on items no identification used (the control identification items come first)
     general_items = general.items(args.n_general, seed, offset=DEFAULT_N_CONTROL)
     record("general_acc", Evaluator(lm, general, general_items, store=store).evaluate(masks).scores["acc"])
