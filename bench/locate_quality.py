@@ -18,8 +18,9 @@ the benchmark then reports, per task and method:
 
 Methods run as the paper defines them (no control: greedy, 1s-greedy, csb, css, atp), as caploc's
 control-aware default (`refine`, control `general`), and the joint search (`joint`, controls `general` and
-`text`; `joint-layers0` without its layer screen, `joint-layers1` with its best layer only, `joint-keep5` with
-each screened layer pruned to 5 heads), plus any --extra refine variants; `greedy+control` is iterative greedy
+`text`; its default pool has no layer screen, `joint-layers2` adds the screen's two best layers (the recorded
+rows labelled `joint --layers 2` ran as `joint` when that was its default), `joint-layers1` the best layer only,
+`joint-keep5` the two pruned to 5 heads each), plus any --extra refine variants; `greedy+control` is iterative greedy
 under the default's criterion (refine over every head), run on --greedy-seeds like greedy.
 Percentages are of the paper's greedy. On IOI, every run also measures which heads take over when its set is
 ablated (the backup name movers): the gradient on top of the set nominates 10 heads, and each one's exact
@@ -53,14 +54,17 @@ PAPER_METHODS = {"greedy": {}, "1s-greedy": {}, "csb": {"n_masks": 100, "sparsit
 # --methods names run under a control: (label, method, its parameters, control)
 CONTROL_AWARE = {
     "refine": ("refine (default, control general)", "refine", {}, "general"),
-    # the joint search, with prose as a second control (what early heads break)
+    # the joint search, with prose as a second control (what early heads break); its default pool has no layer
+    # screen (the recorded rows labelled "joint --layers 0" ran it before that was the default)
     "joint": ("joint (control general,text)", "joint", {}, "general,text"),
-    # without the layer screen in its pool
     "joint-layers0": ("joint --layers 0 (control general,text)", "joint", {"layers": 0}, "general,text"),
+    # the layer screen's two best layers in the pool (joint's default until the layer challenge's polish)
+    "joint-layers2": ("joint --layers 2 (control general,text)", "joint", {"layers": 2}, "general,text"),
     # the layer screen's best layer alone
     "joint-layers1": ("joint --layers 1 (control general,text)", "joint", {"layers": 1}, "general,text"),
     # the layer screen's layers each pruned to 5 heads before they join the pool
-    "joint-keep5": ("joint --layer-keep 5 (control general,text)", "joint", {"layer_keep": 5}, "general,text"),
+    "joint-keep5": ("joint --layer-keep 5 (control general,text)", "joint", {"layers": 2, "layer_keep": 5},
+                    "general,text"),
     # greedy under the default's criterion: what refine restricts
     "greedy+control": ("greedy (control general)", "greedy", {}, "general"),
 }

@@ -29,7 +29,7 @@ def test_the_planted_pair_is_redundant(redundant):
 def test_joint_finds_the_pair_that_greedy_atp_and_refine_alone_miss(redundant):
     lm, _ = redundant
     pair = {lm.layout.index(h) for h in REDUNDANT}
-    joint = JointSearch(layer_challenge=False).run(_objective(redundant), 2)
+    joint = JointSearch(layers=2, layer_challenge=False).run(_objective(redundant), 2)
     assert set(joint.top(2)) == pair
     assert joint.details["elimination"][-1]["heads"] == sorted(pair, key=joint.top(2).index)
     assert set(Greedy().run(_objective(redundant), 2).top(2)) != pair
@@ -75,6 +75,36 @@ def test_the_layer_challenge_gives_refine_the_pair(redundant):
     assert challenge["criterion"] > challenge["criterion_before"] + 1.0
 
 
+def test_a_losing_challenger_polished_by_one_swap_replaces_the_set(redundant, monkeypatch):
+    """Elimination can keep a head whose layer-mate does the job (here forced: one copy of the pair and a dead
+    head of its layer); that challenger loses to the decoy's set, and one exchange pass on it swaps the dead
+    head for the other copy, after which it wins. Without the polish the set stands."""
+    from caploc.methods import groups
+
+    lm, _ = redundant
+    a, b = (lm.layout.index(h) for h in REDUNDANT)
+    dead = lm.layout.index(type(REDUNDANT[0])(REDUNDANT[0].layer, 5))
+    real = groups.eliminate
+
+    def keeps_a_dead_head(objective, group, k):
+        chosen, curve = real(objective, group, k)
+        wrong = [dead if h == b else h for h in chosen]
+        drop = float(objective.drops(objective.set_masks([wrong]))[0])
+        return wrong, curve + [{"size": k, "heads": wrong, "criterion": groups.set_criterion(objective, drop, None),
+                                "target_drop": drop}]
+
+    monkeypatch.setattr(groups, "eliminate", keeps_a_dead_head)
+    objective = _objective(redundant)
+    decoy_set = [lm.layout.index(DECOY), dead]
+    drop = float(objective.drops(objective.set_masks([decoy_set]))[0])
+    kept, _, _, unpolished = groups.challenge_layers(objective, decoy_set, drop, None)
+    assert kept == decoy_set and unpolished["set"] is None and "polish" not in unpolished
+    won, won_drop, _, record = groups.challenge_layers(objective, decoy_set, drop, None, polish_swaps=8)
+    assert set(won) == {a, b} and record["set"] == won and record["polish"][0]["swap"] == [dead, b]
+    assert record["support"] >= 0.95 and won_drop > drop + 1.0
+    assert record["gradient_points"] == unpolished["gradient_points"] + 1  # the polish's one gradient
+
+
 def test_bootstrap_replays_of_the_layer_challenge_read_only_what_the_run_stored(redundant):
     """Replays resample the items, so their gradient pruning can pick a group the run never evaluated: the run's
     set then stands in that replay (no model call, no error); the pair is still chosen in most of them."""
@@ -103,6 +133,25 @@ def test_a_replay_whose_pruning_leaves_the_run_s_path_keeps_its_set(redundant, m
     assert objective.evaluator.stats.evaluations == before
 
 
+def test_joint_replays_redo_the_layer_challenge_from_what_the_run_evaluated(redundant):
+    """The default pool (no layer screen) misses the pair and the layer challenge brings it, so a replay that
+    stopped at the elimination would never report it; replays rerun the challenge and the exchange on the
+    run's stored scores and gradients, and call the model for none (a point the run never reached raises
+    NotEvaluated and that option is skipped)."""
+    lm, _ = redundant
+    pair = {lm.layout.index(h) for h in REDUNDANT}
+    objective = _objective(redundant)
+    method = JointSearch()
+    run = method.run(objective, 2)
+    assert set(run.top(2)) == pair and set(run.details["layer_challenge"]["set"]) == pair
+    evaluator = objective.evaluator
+    before = (evaluator.stats.evaluations, evaluator.stats.gradient_tokens)
+    replay = method.for_replay(run.details)
+    tops = [set(replay.run(objective.resampled(np.random.default_rng(seed)), 2).top(2)) for seed in range(8)]
+    assert (evaluator.stats.evaluations, evaluator.stats.gradient_tokens) == before
+    assert sum(top == pair for top in tops) >= 6
+
+
 def test_the_layer_challenge_keeps_a_set_no_layer_beats(planted):
     """The planted heads sit in three layers: no layer ablated whole reaches the three of them, so the set
     stands, and the challenge cost only the layer masks (no elimination)."""
@@ -127,10 +176,15 @@ def test_gates_at_exactly_zero_and_one_are_exact_ablation(redundant):
 
 
 def test_k_auto_keeps_the_smallest_set_that_removes_most_of_the_group(redundant):
+    """The pool misses the pair, so its own auto set is the decoy alone; the layer challenge, put to the pool's
+    5-head set, brings the pair's layer, and the auto rule on that layer's curve keeps the pair."""
     lm, task = redundant
     run = locate(lm, TaskSpec(task, n=16, n_validate=8), "joint", k="auto", criterion=Criterion(control="none"),
                  options=LocateOptions(bootstrap=5), evaluation=EvalOptions(store=False))
-    curve = run.details["elimination"]
+    assert run.details["elimination"][-1]["heads"] == [lm.layout.index(DECOY)]
+    challenge = run.details["layer_challenge"]
+    assert challenge["set"] and len(challenge["proposed"]) == 5
+    curve = challenge["elimination"]
     assert run.k == run.details["k"] == len(run.heads) and run.extra["k_asked"] == "auto"
     keep = 0.9 * curve[0]["target_drop"]
     smallest = min(c["size"] for c in curve if c["target_drop"] >= keep)

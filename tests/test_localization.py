@@ -490,6 +490,12 @@ def test_printed_table_shows_what_each_refine_pick_added(planted):
         render.print_locate(run)
     assert ("layer challenge: L1H0, L1H2 (a layer's heads eliminated down to k), criterion 0.7500 -> 0.8000, "
             "higher in 60% of item resamples: not kept") in captured.get()
+    run.details["layer_challenge"] |= {"polish": [{"swap": [n_heads + 1, n_heads + 2]}], "support": 0.97,
+                                       "set": [n_heads, n_heads + 2]}
+    with render.console.capture() as captured:
+        render.print_locate(run)
+    assert ("layer challenge: L1H0, L1H2 (a layer's heads eliminated down to k, then L1H1 -> L1H2), criterion "
+            "0.7500 -> 0.8000, higher in 97% of item resamples: kept") in captured.get()
 
 
 class SynergyResponses(PlantedResponses):

@@ -97,7 +97,10 @@ def print_locate(report) -> None:
     challenge = (report.get("details") or {}).get("layer_challenge")
     if challenge and challenge.get("proposed"):
         heads = ", ".join(str(layout.head(i)) for i in challenge["proposed"])
-        console.print(f"layer challenge: {heads} (a layer's heads eliminated down to k), criterion "
+        polished = [p["swap"] for p in challenge.get("polish") or [] if p.get("swap")]
+        how = "a layer's heads eliminated down to k" + "".join(
+            f", then {layout.head(out)} -> {layout.head(into)}" for out, into in polished)
+        console.print(f"layer challenge: {heads} ({how}), criterion "
                       f"{challenge['criterion_before']:.4f} -> {challenge['proposed_criterion']:.4f}, higher in "
                       f"{challenge['support']:.0%} of item resamples: {'kept' if challenge.get('set') else 'not kept'}")
     for swap in (report.get("details") or {}).get("exchanges") or []:

@@ -86,6 +86,8 @@ class Objective:
         self._seen_control: dict[str, list[np.ndarray]] = {}  # per control, per-item scores
         # per-item gradients, keyed by the set of heads held at 0 (empty: the unablated model)
         self._gradients: dict[frozenset, tuple[np.ndarray, list[np.ndarray]]] = {}
+        # per-item gradients and scores at any multipliers, keyed by the point (gradients_at's)
+        self._gradients_at: dict[bytes, tuple] = {}
         self.weights: list[np.ndarray | None] = [None] * (1 + len(self.controls))  # bootstrap item weights
         self.baseline_items = evaluator.baseline().scores[metric][0]
         self.control_baseline_items = [c.baseline().scores[m][0] for c, m in zip(self.controls, self.control_metrics)]
@@ -221,9 +223,7 @@ class Objective:
         """At any component multipliers (1 intact, 0 ablated, between: partly): d target drop / d ablation
         amount (s = 1 - multiplier) [n_components] and the target drop (`drops`' kind), and for every control
         its mean gradient d metric / d multiplier and mean value."""
-        grads, values = self.evaluator.gradients_and_scores(self.metric, multipliers=multipliers)
-        controls = [c.gradients_and_scores(m, multipliers=multipliers) for c, m in zip(self.controls,
-                                                                                       self.control_metrics)]
+        grads, values, controls = self.item_gradients_at(multipliers)
         controls = [(_mean(g.T, w), float(_mean(v, w))) for (g, v), w in zip(controls, self.weights[1:])]
         if not self.per_item:
             return _mean(grads.T, self.weights[0]), self.baseline - float(_mean(values, self.weights[0])), controls
@@ -233,6 +233,17 @@ class Objective:
         mean_ratio = max(1.0 - self.item_share(values), MIN_RATIO)
         return (_mean((ratios * live)[:, None].T * grads.T, self.weights[0]) / mean_ratio,
                 self.as_drop(self.item_share(values)), controls)
+
+    def item_gradients_at(self, multipliers: np.ndarray) -> tuple:
+        """Per item at `multipliers`: the target's gradients and scores, and each control's (computed once per
+        point)."""
+        key = np.asarray(multipliers, dtype=np.float64).tobytes()
+        if key not in self._gradients_at:
+            self._gradients_at[key] = (
+                *self.evaluator.gradients_and_scores(self.metric, multipliers=multipliers),
+                [c.gradients_and_scores(m, multipliers=multipliers) for c, m in zip(self.controls,
+                                                                                    self.control_metrics)])
+        return self._gradients_at[key]
 
     def estimated_drops(self, ablated=()) -> tuple[np.ndarray, np.ndarray | None]:
         """First-order estimate of each head's ablation drop (multiplier 1 -> 0 changes the metric by about
@@ -289,6 +300,12 @@ class ResampledObjective(Objective):
         if key not in self.source._gradients:
             raise NotEvaluated(sorted(key))
         return self.source._gradients[key]
+
+    def item_gradients_at(self, multipliers: np.ndarray) -> tuple:
+        key = np.asarray(multipliers, dtype=np.float64).tobytes()
+        if key not in self.source._gradients_at:  # a point the run never reached: no model call in a replay
+            raise NotEvaluated(np.flatnonzero(np.asarray(multipliers) != 1.0).tolist())
+        return self.source._gradients_at[key]
 
 
 @dataclass

@@ -8,7 +8,10 @@ while the group is large, then exactly), keeping the ones whose restoration woul
 `challenge_layers` puts that to a set a search found: every layer ablated whole (one exact mask each); the
 layers whose whole ablation beats the set (at most CHALLENGERS, best first) are eliminated down to the set's
 size, and the best of them replaces the set when it has the higher criterion in `exchange.CONFIDENCE` of the
-bootstrap resamples of the items (the rule a swap must pass).
+bootstrap resamples of the items (the rule a swap must pass). With `polish_swaps`, a best challenger that
+loses gets one exchange pass first and meets the set again: elimination restores one head at a time and can
+keep a head whose layer-mate does the job better, which one swap mends (on Qwen2.5-Coder-0.5B 2D+ a layer-16
+challenger at criterion 0.898 lost to a set at 0.893 in 32% of the resamples; one swap took it to 0.963).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Annotated
 import numpy as np
 
 from caploc.methods.base import NotEvaluated, Objective
-from caploc.methods.exchange import CONFIDENCE, IMPROVEMENT, set_criterion, support
+from caploc.methods.exchange import CONFIDENCE, IMPROVEMENT, exchange, set_criterion, support
 from caploc.methods.greedy import bounded_effects
 from caploc.params import Param
 from caploc.stats import LOG_PROBABILITIES, share_removed
@@ -96,9 +99,10 @@ def layer_groups(objective: Objective) -> list[list[int]]:
     return [list(range(first, first + per_layer)) for first in range(0, objective.n_components, per_layer)]
 
 
-def challenge_layers(objective: Objective, chosen: list[int], target: float,
-                     control: float | None) -> tuple[list[int], float, float | None, dict | None]:
-    """The set `chosen` (exact drops `target`, `control`) against every layer's best heads of its size (module
+def challenge_layers(objective: Objective, chosen: list[int], target: float, control: float | None,
+                     polish_swaps: int = 0) -> tuple[list[int], float, float | None, dict | None]:
+    """The set `chosen` (exact drops `target`, `control`) against every layer's best heads of its size, a
+    losing best challenger polished by one exchange pass of `polish_swaps` swaps where that is > 0 (module
     docstring). Returns the set kept, its exact drops and a record (None where the objective has no layers or
     the set is a single head)."""
     per_layer, k = objective.per_layer, len(chosen)
@@ -126,12 +130,33 @@ def challenge_layers(objective: Objective, chosen: list[int], target: float,
         last = curve[-1]
         if len(narrowed) == k and (best is None or last["criterion"] > best[1]["criterion"]):
             best = (narrowed, last)
-    if best is None or best[1]["criterion"] <= current + IMPROVEMENT:
+    if best is None:
         return chosen, target, control, record
     narrowed, last = best
-    share = support(objective, chosen, narrowed, seed=k)
-    record |= {"proposed": narrowed, "proposed_criterion": last["criterion"], "support": share}
-    if share < CONFIDENCE:
+    won, share = _beats(objective, chosen, current, narrowed, last["criterion"])
+    if not won and polish_swaps:
+        polished, passes = exchange(objective, narrowed, last["target_drop"], last.get("control_damage"), 1,
+                                    polish_swaps, objective.estimated_drops)
+        record |= {"polish": passes, "gradient_points": record["gradient_points"] + len(passes)}
+        if polished != narrowed:
+            swap = passes[-1]
+            last = {"criterion": swap["criterion"], "target_drop": swap["cumulative_drop"],
+                    "control_damage": swap.get("cumulative_control_drop")}
+            narrowed = polished
+            won, share = _beats(objective, chosen, current, narrowed, last["criterion"])
+    if share is not None:
+        record |= {"proposed": narrowed, "proposed_criterion": last["criterion"], "support": share}
+    if not won:
         return chosen, target, control, record
     record |= {"set": narrowed, "criterion": last["criterion"]}
     return narrowed, last["target_drop"], last.get("control_damage"), record
+
+
+def _beats(objective: Objective, chosen: list[int], current: float, challenger: list[int],
+           criterion: float) -> tuple[bool, float | None]:
+    """Whether `challenger` (criterion `criterion`) replaces `chosen` (criterion `current`): a higher criterion,
+    in CONFIDENCE of the resamples; and that share (None where the criterion alone decided)."""
+    if criterion <= current + IMPROVEMENT:
+        return False, None
+    share = support(objective, chosen, challenger, seed=len(chosen))
+    return share >= CONFIDENCE, share

@@ -4,16 +4,16 @@ A method that adds one head at a time cannot report heads that matter only toget
 redundant pair costs nothing (its partner still does the job), so no single-head screen or greedy round ranks
 it, and at the intact model its gradient is flat. `joint` proposes heads in groups and decides them exactly:
 
-1. A pool. (a) Layer screen: every layer's heads ablated together (one exact mask per layer); the `layers`
-   layers with the best criterion bring all their heads, so a group that sits in one layer is in the pool
-   whether or not any of its heads matters alone. The price: among a layer's many ablated heads the gradient
-   pruning below can restore one the set needs. `--layers 0` leaves the layers to the layer challenge;
-   `--layer-keep N` prunes each screened layer to N heads first, by the gradient with only that layer ablated
-   (a pair inside the layer stays: restoring either copy brings the answer back). docs/results.md has all
-   three, none better on every task. (b) Learned gates: every head gets an ablation amount s in [0, 1] (its
-   multiplier is 1 - s, on the sites ablation uses), and projected gradient ascent on the criterion under a
-   budget sum(s) <= 2k moves the amounts jointly (as some heads are turned down, the gradient of their backups
-   grows); the heads with the largest amounts join. (c) The largest first-order effects at the intact model
+1. A pool. (a) With `--layers N` (default 0), a layer screen: every layer's heads ablated together (one exact
+   mask per layer); the N layers with the best criterion bring all their heads, so a group that sits in one
+   layer is in the pool whether or not any of its heads matters alone. The price: among a layer's many
+   ablated heads the gradient pruning below can restore one the set needs, so by default the layers are left
+   to the layer challenge (step 3), which tests each of them against the set found; `--layer-keep N` prunes
+   each screened layer to N heads first, by the gradient with only that layer ablated (a pair inside the layer
+   stays: restoring either copy brings the answer back). docs/results.md compares them. (b) Learned gates:
+   every head gets an ablation amount s in [0, 1] (its multiplier is 1 - s, on the sites ablation uses), and
+   projected gradient ascent on the criterion under a budget sum(s) <= 2k moves the amounts jointly (as some
+   heads are turned down, the gradient of their backups grows); the heads with the largest amounts join. (c) The largest first-order effects at the intact model
    (AtP) join.
 2. Backward elimination from the whole pool ablated. While the set is larger than `exact_from` (default 2k),
    the gradient at the set (heads in it held at 0) estimates what restoring each one would cost the criterion,
@@ -22,8 +22,9 @@ it, and at the intact model its gradient is flat. `joint` proposes heads in grou
    Restoring one head of a redundant pair whose partner is still ablated brings the capability back, so both
    are kept. With k = "auto" it goes down to one head and keeps the smallest set that still removes
    `auto_share` of what the set at `exact_from` removes; the curve is in the details.
-3. The layer challenge (`methods.groups`), then exchange passes (`methods.exchange`), test the set against
-   its closest competitors.
+3. The layer challenge (`methods.groups`; a losing challenger gets one exchange pass and a second try), then
+   exchange passes (`methods.exchange`), test the set against its closest competitors (with k "auto", the
+   set of 5 heads meets the layers, and a layer that wins is reduced by the auto rule).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class JointSearch(Method):
     supports_auto_k = True
 
     def __init__(self, layers: Annotated[int, Param("joint: layers whose heads join the pool (by their whole "
-                                                    "ablation's criterion)")] = 2,
+                                                    "ablation's criterion; 0: the layer challenge alone "
+                                                    "tests layers)")] = 0,
                  layer_keep: Annotated[int, Param("joint: heads each screened layer keeps, pruned by the gradient "
                                                   "at that layer ablated (0: all of them)")] = 0,
                  steps: Annotated[int, Param("joint: gradient steps of the learned gates (0: none)")] = 4,
@@ -125,6 +127,42 @@ class JointSearch(Method):
         chosen, curve = eliminate(objective, group, None if auto else int(k))
         return (self.choose_auto(curve)["heads"] if auto else chosen), curve
 
+    # -- 3. the layer challenge ------------------------------------------------------------------------
+    def challenge(self, objective: Objective, chosen: list[int], set_drop: float, set_damage: float | None,
+                  curve: list[dict], k) -> tuple[list[int], float, float | None, dict | None]:
+        """Every layer against the set (`groups.challenge_layers`, a losing challenger polished by one exchange
+        pass). With k "auto" the set challenged is the curve's of AUTO_START heads (a redundant group the pool
+        missed leaves the auto set a head or two, too small to challenge), and a winning layer's heads are
+        reduced by the same auto rule, their curve in the record."""
+        polish = self.exchange_swaps if self.exchange_passes else 0
+        if k not in (AUTO, None):
+            return challenge_layers(objective, chosen, set_drop, set_damage, polish)
+        start = next(c for c in curve if c["size"] <= AUTO_START)
+        _, _, _, record = challenge_layers(objective, start["heads"], start["target_drop"],
+                                           start.get("control_damage"), polish)
+        if not record or record["set"] is None:
+            return chosen, set_drop, set_damage, record
+        chosen, record["elimination"] = self.decide(objective, record["set"], k)
+        last = next(c for c in record["elimination"] if c["size"] == len(chosen))
+        return chosen, last["target_drop"], last.get("control_damage"), record
+
+    def decide_and_test(self, objective: Objective, group: list[int], k) -> tuple[list[int], list[dict],
+                                                                                  dict | None, list[dict]]:
+        """Steps 2 and 3 from the exact stage's `group`: the set, the elimination curve, the layer challenge's
+        record and the exchange passes'."""
+        chosen, curve = self.decide(objective, group, k)
+        exchanges, challenge = [], None
+        if chosen:
+            last = next(c for c in curve if c["size"] == len(chosen))
+            set_drop, set_damage = last["target_drop"], last.get("control_damage")
+            if self.layer_challenge:
+                chosen, set_drop, set_damage, challenge = self.challenge(objective, chosen, set_drop, set_damage,
+                                                                         curve, k)
+            if self.exchange_passes:
+                chosen, exchanges = exchange(objective, chosen, set_drop, set_damage, self.exchange_passes,
+                                             self.exchange_swaps, objective.estimated_drops)
+        return chosen, curve, challenge, exchanges
+
     # -- the method -------------------------------------------------------------------------------------
     def run(self, objective: Objective, k) -> MethodResult:
         size = AUTO_START if k in (AUTO, None) else int(k)
@@ -138,16 +176,7 @@ class JointSearch(Method):
         pool = list(dict.fromkeys(layer_heads + by_gate[: 2 * size] + by_effect[:size]))
         exact_from = self.exact_from or 2 * size
         group, pruning = prune(objective, pool, exact_from)
-        chosen, curve = self.decide(objective, group, k)
-        exchanges, challenge = [], None
-        if chosen:
-            last = next(c for c in curve if c["size"] == len(chosen))
-            set_drop, set_damage = last["target_drop"], last.get("control_damage")
-            if self.layer_challenge:
-                chosen, set_drop, set_damage, challenge = challenge_layers(objective, chosen, set_drop, set_damage)
-        if self.exchange_passes and chosen:
-            chosen, exchanges = exchange(objective, chosen, set_drop, set_damage, self.exchange_passes,
-                                         self.exchange_swaps, objective.estimated_drops)
+        chosen, curve, challenge, exchanges = self.decide_and_test(objective, group, k)
         order = chosen + [i for i in group + pool + by_gate + by_effect if i not in chosen]
         order = list(dict.fromkeys(order + list(range(objective.n_components))))
         details = {"layer_criterion": layer_criterion, "layer_pruning": layer_pruning, "gates": gates.tolist(),
@@ -165,7 +194,9 @@ class JointSearch(Method):
 
     def for_replay(self, details: dict) -> "JointSearch":
         """Replays start from the run's exact stage (the set its pool was pruned to: the gates and the gradient
-        pruning came from points a resample never reached) and redo the exact elimination."""
+        pruning came from points a resample never reached) and redo the exact elimination, the layer challenge
+        and the exchange passes on what the run evaluated (where a resample leads elsewhere, the options the
+        run evaluated decide)."""
         return _Replay(self, details["group"])
 
 
@@ -175,7 +206,8 @@ class _Replay(JointSearch):
         self._group = group
 
     def run(self, objective: Objective, k) -> MethodResult:
-        chosen, curve = self.decide(objective, self._group, k)
+        chosen, curve, challenge, exchanges = self.decide_and_test(objective, self._group, k)
         order = list(dict.fromkeys(chosen + self._group + list(range(objective.n_components))))
         return MethodResult(ranking=order, head_scores=np.full(objective.n_components, np.nan),
-                            score_name="learned gate (share ablated)", details={"elimination": curve})
+                            score_name="learned gate (share ablated)",
+                            details={"elimination": curve, "layer_challenge": challenge, "exchanges": exchanges})
