@@ -12,7 +12,8 @@ the model does not do (held-out accuracy or pass@1 below 0.1, or no swear word a
     python bench/paper_table.py --model qwen2.5-coder-0.5b --tasks 2D+,mbpp,humaneval --seeds 0,1,2
     python bench/paper_table.py --model qwen2.5-coder-1.5b --tasks gsm8k,mbpp --seeds 0
     python bench/paper_table.py --tasks mbpp --seeds 0 --methods refine --import-run "mbpp:refine seed 0=runs/mbpp/result.json"
-    python bench/paper_table.py --model qwen2.5-coder-0.5b --tasks 2D+ --methods joint --option joint:layers=2 --option joint:layer_keep=5
+    python bench/paper_table.py --model qwen2.5-coder-0.5b --tasks 2D+ --methods joint \
+        --option joint:layers=2 --option joint:layer_keep=5
 
 `--metric own_logprob` identifies on the model's own completions of the identification items it does, instead of the
 dataset's references (runs labelled `refine/own_logprob seed 0`).

@@ -164,6 +164,26 @@ def test_the_layer_challenge_keeps_a_set_no_layer_beats(planted):
     assert len(challenge["layer_criterion"]) == lm.layout.n_layers
 
 
+def test_a_resample_reads_the_run_s_gradients_and_computes_none(redundant):
+    """At a point the run took, a resample's gradient is the run's per-item gradients under the resample's
+    weights; at any other point it raises NotEvaluated instead of calling the model."""
+    from caploc.methods import NotEvaluated
+
+    objective = _objective(redundant)
+    at = np.ones(objective.n_components)
+    at[:3] = 0.0
+    objective.gradients_at(at)
+    resample = objective.resampled(np.random.default_rng(0))
+    before = objective.evaluator.stats.gradient_tokens
+    gradient, _, _ = resample.gradients_at(at)
+    grads, _, _ = objective.item_gradients_at(at)
+    weights = resample.weights[0]
+    np.testing.assert_allclose(gradient, (weights[:, None] * grads).sum(0) / weights.sum())
+    with pytest.raises(NotEvaluated):
+        resample.gradients_at(np.ones(objective.n_components))
+    assert objective.evaluator.stats.gradient_tokens == before
+
+
 def test_gates_at_exactly_zero_and_one_are_exact_ablation(redundant):
     lm, task = redundant
     evaluator = Evaluator(lm, task, task.items(6, seed=1))
