@@ -13,8 +13,8 @@ it, and at the intact model its gradient is flat. `joint` proposes heads in grou
    stays: restoring either copy brings the answer back). docs/results.md compares them. (b) Learned gates:
    every head gets an ablation amount s in [0, 1] (its multiplier is 1 - s, on the sites ablation uses), and
    projected gradient ascent on the criterion under a budget sum(s) <= 2k moves the amounts jointly (as some
-   heads are turned down, the gradient of their backups grows); the heads with the largest amounts join. (c) The largest first-order effects at the intact model
-   (AtP) join.
+   heads are turned down, the gradient of their backups grows); the heads with the largest amounts join.
+   (c) The largest first-order effects at the intact model (AtP) join.
 2. Backward elimination from the whole pool ablated. While the set is larger than `exact_from` (default 2k),
    the gradient at the set (heads in it held at 0) estimates what restoring each one would cost the criterion,
    and the cheapest half of the excess is restored, then the rest of it; from there, every leave-one-out mask
@@ -137,7 +137,7 @@ class JointSearch(Method):
         polish = self.exchange_swaps if self.exchange_passes else 0
         if k not in (AUTO, None):
             return challenge_layers(objective, chosen, set_drop, set_damage, polish)
-        start = next(c for c in curve if c["size"] <= AUTO_START)
+        start = next((c for c in curve if c["size"] <= AUTO_START), curve[-1])  # a replay's curve can stop early
         _, _, _, record = challenge_layers(objective, start["heads"], start["target_drop"],
                                            start.get("control_damage"), polish)
         if not record or record["set"] is None:
