@@ -63,6 +63,11 @@ def _point(ablated) -> frozenset:
     return frozenset(int(i) for i in ablated)
 
 
+def _point_at(multipliers) -> bytes:
+    """Any multipliers where a gradient is taken: its key among the objective's gradients_at points."""
+    return np.asarray(multipliers, dtype=np.float64).tobytes()
+
+
 def _mean(values: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
     """Mean over the last axis (items), bootstrap-weighted when `weights` is given."""
     return values.mean(axis=-1) if weights is None else values @ weights / weights.sum()
@@ -237,7 +242,7 @@ class Objective:
     def item_gradients_at(self, multipliers: np.ndarray) -> tuple:
         """Per item at `multipliers`: the target's gradients and scores, and each control's (computed once per
         point)."""
-        key = np.asarray(multipliers, dtype=np.float64).tobytes()
+        key = _point_at(multipliers)
         if key not in self._gradients_at:
             self._gradients_at[key] = (
                 *self.evaluator.gradients_and_scores(self.metric, multipliers=multipliers),
@@ -302,7 +307,7 @@ class ResampledObjective(Objective):
         return self.source._gradients[key]
 
     def item_gradients_at(self, multipliers: np.ndarray) -> tuple:
-        key = np.asarray(multipliers, dtype=np.float64).tobytes()
+        key = _point_at(multipliers)
         if key not in self.source._gradients_at:  # a point the run never reached: no model call in a replay
             raise NotEvaluated(np.flatnonzero(np.asarray(multipliers) != 1.0).tolist())
         return self.source._gradients_at[key]
