@@ -134,6 +134,23 @@ def test_mean_ablation_evaluator_differs_from_zero():
     assert not np.allclose(zero.scores["logprob"][1], mean.scores["logprob"][1])
 
 
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_a_subset_scores_its_leading_items_as_the_whole_does_and_counts_into_its_stats(mode):
+    """`Evaluator.subset(n)`: the first n items' scores under any mask are the whole evaluator's (mean
+    ablation keeping the whole reference's means), and what it computes shows in the whole's counters."""
+    model, tok = build("llama"), byte_tokenizer()
+    lm = wrap_model(model, tok)
+    task = get_task("arithmetic", subtask="2D+")
+    whole = Evaluator(lm, task, task.items(6, seed=0), mode=mode)
+    sets = [[], [4], [1, 6]]
+    expected = whole.evaluate(sets).scores["logprob"][:, :3]
+    before = whole.stats.evaluations
+    leading = whole.subset(3)
+    assert [i.id for i in leading.items] == [i.id for i in whole.items[:3]]
+    np.testing.assert_allclose(leading.evaluate(sets).scores["logprob"], expected, atol=1e-5)
+    assert whole.stats.evaluations == before + 3 and leading.stats is whole.stats
+
+
 class UnevenChoice(MultipleChoiceTask):
     name = "unevenchoice"
 

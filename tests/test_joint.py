@@ -164,6 +164,40 @@ def test_the_layer_challenge_keeps_a_set_no_layer_beats(planted):
     assert len(challenge["layer_criterion"]) == lm.layout.n_layers
 
 
+def test_the_first_look_rules_out_only_layers_that_cannot_beat_the_set(redundant, monkeypatch):
+    """Layer masks are scored on the leading third of the items first; the layers with no effect there are not
+    scored on every item (their criterion stays NaN), the pair's layer is, and the challenge decides what it
+    decides when every layer is scored in full (with more than half the items needed for a first look, none
+    is taken)."""
+    from caploc.methods import groups
+
+    lm, _ = redundant
+    pair = {lm.layout.index(h) for h in REDUNDANT}
+    looked = _objective(redundant)
+    run = make_method("refine").run(looked, 2)
+    challenge = run.details["layer_challenge"]
+    first = challenge["first_look"]
+    assert first["items"] == 8 and first["ruled_out"] and REDUNDANT[0].layer not in first["ruled_out"]
+    assert all(np.isnan(challenge["layer_criterion"][layer]) for layer in first["ruled_out"])
+    assert looked.first_look_tokens > 0
+    monkeypatch.setattr(groups, "FIRST_LOOK_ITEMS", 13)
+    full = _objective(redundant)
+    unscreened = make_method("refine").run(full, 2)
+    assert set(run.top(2)) == set(unscreened.top(2)) == pair
+    assert challenge["challengers"] == unscreened.details["layer_challenge"]["challengers"]
+    assert "first_look" not in unscreened.details["layer_challenge"] and full.first_look_tokens == 0
+    assert full.requested == looked.requested + len(first["ruled_out"])
+
+
+def test_no_first_look_at_a_count(redundant):
+    """A score without a gradient (accuracy here) is a count: a few unchanged items say little about the rest,
+    so every layer is scored in full."""
+    lm, task = redundant
+    objective = Objective(Evaluator(lm, task, task.items(24, seed=0)), "acc")
+    masks = objective.set_masks([[0], [1]])
+    assert objective.first_look(masks, 8) is None and objective.first_look_tokens == 0
+
+
 def test_a_resample_reads_the_run_s_gradients_and_computes_none(redundant):
     """At a point the run took, a resample's gradient is the run's per-item gradients under the resample's
     weights; at any other point it raises NotEvaluated instead of calling the model."""

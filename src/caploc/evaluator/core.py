@@ -29,7 +29,7 @@ from caploc.tasks.base import Item, Task
 
 # what a worker process needs besides the model to build the same evaluator (`recipe`); the store, the
 # progress bar and the backend stay with the driver
-_DRIVER_ONLY = ("self", "lm", "store", "progress", "backend")
+_DRIVER_ONLY = ("self", "lm", "store", "progress", "backend", "stats")
 
 
 def _point_key(multipliers: np.ndarray) -> str:
@@ -59,11 +59,12 @@ class Evaluator:
     def __init__(self, lm: LoadedModel, task: Task, items: list[Item], *, mode: str = "zero",
                  batch_tokens: int | None = None, store=None, progress: bool = False,
                  reference_items: list[Item] | None = None, max_new_tokens: int | None = None,
-                 components: str = "heads", scale: float = 0.0, backend: Backend | None = None):
+                 components: str = "heads", scale: float = 0.0, backend: Backend | None = None,
+                 stats: EvalStats | None = None):
         """`components`: what a mask column is (attention heads, or MLP neurons); `scale`: what a masked
         component is multiplied by (0 ablates; above 1 enhances); `batch_tokens`: tokens per forward pass
         (default: from free memory on an accelerator, 8192 on CPUs); `backend`: where chunks of masks run
-        (default: this process)."""
+        (default: this process); `stats`: the counters to add to (default: its own)."""
         self.recipe = {k: v for k, v in locals().items() if k not in _DRIVER_ONLY}
         self.lm = lm
         self.task = task
@@ -75,7 +76,7 @@ class Evaluator:
         self.max_new_tokens = max_new_tokens or task.max_new_tokens
         self.components = components
         self.scale = float(scale)
-        self.stats = EvalStats()
+        self.stats = stats or EvalStats()
         self.ablation = component_ablation(lm.model, components, mode)
         runner_args = (lm, self.ablation, self.stats, batch_tokens, self.scale)
         self.scorer = Scorer(*runner_args)
@@ -90,6 +91,14 @@ class Evaluator:
         if components != "heads" or self.scale != 0.0:  # head ablation keeps the keys it always had
             key |= {"components": components, "scale": self.scale}
         self.cache = ScoreCache(key, self.metric_names(), store, self.stats)
+
+    def subset(self, n: int) -> "Evaluator":
+        """The same evaluation on the first `n` items only (its own store entries; the counters are this
+        evaluator's): a cheap first look at masks that are then scored on every item only if they may matter."""
+        # mean ablation keeps the means of the whole reference
+        recipe = self.recipe | {"items": self.items[:n], "reference_items": self.recipe["reference_items"] or self.items}
+        return Evaluator(self.lm, **recipe, store=self.store, progress=self.progress, backend=self.backend,
+                         stats=self.stats)
 
     # hooks live only inside each forward pass; closing is kept for callers that manage scope explicitly
     def close(self) -> None:

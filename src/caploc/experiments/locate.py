@@ -175,7 +175,9 @@ def _locate_one(rt: Runtime, spec: TaskSpec, method: Method, k: int | str, crite
         head_effects=_effects(result, objective),
         ranking=[str(layout.head(i)) for i in ranking], details=result.details,
         identification=drop_curve(identify, ranking, k, seed), validation=validation,
-        control_validation={e.task.name: drop_curve(e, ranking, k, seed) for e in control_val},
+        # the control with all k ablated only: what every report shows, at 2 masks (a 100-item control mask costs
+        # more than a target one)
+        control_validation={e.task.name: drop_curve(e, ranking, k, seed, every_j=False) for e in control_val},
         attention_check=attention_check(rt, task, top),
         stability={"bootstrap": options.bootstrap, "selection_frequency": frequency.tolist(),
                    "top_k_mean_frequency": float(frequency[top].mean())} if frequency is not None else {},
@@ -278,9 +280,10 @@ def _budget(objective: Objective, identify: Evaluator, control_id: list[Evaluato
         "gradient_model_tokens": sum(e.stats.gradient_tokens for e in [identify, *control_id]),
         "tokens_per_evaluation": per_mask,
         # what the method costs whatever the store held: masks asked for on the target and on the controls
-        # (greedy rounds skip controls that cannot change their choice), shared prefixes once, and gradients
+        # (greedy rounds skip controls that cannot change their choice), shared prefixes once, gradients, and
+        # masks scored on the leading items only (`Objective.first_look`)
         "logical_model_tokens": (objective.requested * per_target_mask + objective.control_requested * per_control_mask
-                                 + gradient_tokens) if per_target_mask else None,
+                                 + gradient_tokens + objective.first_look_tokens) if per_target_mask else None,
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
 

@@ -86,6 +86,8 @@ class Objective:
         self.per_layer = getattr(evaluator, "per_layer", None)  # None: no layer structure (a stand-in)
         self.requested = 0  # masks this objective asked for on the target (a method's budget, cached or not)
         self.control_requested = 0  # masks it asked for on the controls (every one, unless a method bounds them)
+        self.first_look_tokens = 0  # logical tokens of masks scored on the leading items only (`first_look`)
+        self._leading: dict[int, tuple[Evaluator, np.ndarray]] = {}  # n -> evaluator of the first n items, baseline
         # what the method saw, by mask key (the evidence bootstrap replays answer from)
         self._seen: dict[str, np.ndarray] = {}  # per-item target scores
         self._seen_control: dict[str, list[np.ndarray]] = {}  # per control, per-item scores
@@ -213,6 +215,47 @@ class Objective:
         return self.evaluator.task.has_gradient(self.metric) and all(
             c.task.has_gradient(m) for c, m in zip(self.controls, self.control_metrics))
 
+    # -- a first look on the leading items ----------------------------------------------------------------
+    def item_values(self, scores: np.ndarray, baseline: np.ndarray) -> np.ndarray:
+        """Per item, what the criterion's target part averages: the share of the answer's probability removed
+        (`item_share`'s, where the share is taken per item), else the metric's drop."""
+        if self.per_item:
+            return np.clip(-np.expm1(-(baseline - scores)), -1.0, 1.0)
+        return baseline - scores
+
+    def values_needed(self, criterion: float) -> float:
+        """The mean item value (`item_values`) at which a mask's criterion could reach `criterion` (its upper
+        bound, the control costing nothing)."""
+        if self.per_item or not self.controls:
+            return criterion
+        if criterion >= 1.0:  # a saturating share never reaches it
+            return np.inf
+        drop = -np.log1p(-criterion)
+        return drop if self.metric in LOG_PROBABILITIES else drop * (abs(self.baseline) or 1.0)
+
+    def seen_values(self, heads) -> np.ndarray:
+        """Per item, the target value (`item_values`) of a head set this objective already scored."""
+        masks = self.set_masks([heads])
+        scores = self._seen.get(masks.key(0))
+        if scores is None:
+            scores = self.target_items(masks)[0]
+        return self.item_values(scores, self.baseline_items)
+
+    def first_look(self, masks: Masks, n: int) -> np.ndarray | None:
+        """Per mask, the target value (`item_values`) of each of the first `n` items [n_masks, n], from an
+        evaluation of those items only: what a method uses to rule out masks before scoring them on every item.
+        Not part of the evidence a replay resamples (a resampled objective answers None), nor taken of a score
+        without a gradient (None): such a score is a count (accuracy, pass@1), and a few items with no change
+        say little about the rest."""
+        if not self.evaluator.task.has_gradient(self.metric):
+            return None
+        if n not in self._leading:
+            leading = self.evaluator.subset(n)
+            self._leading[n] = (leading, leading.baseline().scores[self.metric][0])
+        leading, baseline = self._leading[n]
+        self.first_look_tokens += len(masks) * (leading.tokens_per_mask() or 0)
+        return self.item_values(leading.evaluate(masks).scores[self.metric], baseline)
+
     # -- first-order estimates -------------------------------------------------------------------------
     def item_gradients(self, ablated=()) -> tuple[np.ndarray, list[np.ndarray]]:
         """Per item, d metric / d (multiplier of each head) at 1, with the heads in `ablated` held at 0:
@@ -299,6 +342,9 @@ class ResampledObjective(Objective):
     def evaluated(self, masks: Masks, control: bool = False) -> np.ndarray:
         seen = self.source._seen_control if control else self.source._seen
         return np.array([key in seen for key in masks.keys()], dtype=bool)
+
+    def first_look(self, masks: Masks, n: int) -> None:  # a replay has only what the run scored on every item
+        return None
 
     def item_gradients(self, ablated=()):
         key = _point(ablated)

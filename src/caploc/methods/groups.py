@@ -27,6 +27,11 @@ from caploc.params import Param
 from caploc.stats import LOG_PROBABILITIES, share_removed
 
 CHALLENGERS = 2  # layers whose heads are eliminated down to the set's size when they beat it whole
+# A layer mask is first scored on the leading third of the items (at least FIRST_LOOK_ITEMS), and on every item
+# only if its estimate there - the set's mean plus the mean paired difference - comes within FIRST_LOOK_Z standard
+# errors of what beating the set needs: on GSM8K (1.5B, 30 problems) 26 of 28 layers fall far short.
+FIRST_LOOK_ITEMS = 8
+FIRST_LOOK_Z = 3.0
 LAYERS = Annotated[bool, Param("refine, joint: before the swaps, every layer ablated whole challenges the set; "
                                "a layer that beats it is eliminated down to k heads (heads that stand in for one "
                                "another)", flag="--layer-challenge/--no-layer-challenge")]
@@ -111,14 +116,15 @@ def challenge_layers(objective: Objective, chosen: list[int], target: float, con
     current = set_criterion(objective, target, control)
     layers = layer_groups(objective)
     masks = objective.set_masks(layers)
-    known = objective.evaluated(masks)
+    may_beat, first_look = _first_look(objective, masks, chosen, current)
+    known = objective.evaluated(masks) & may_beat
     scores = np.full(len(layers), np.nan)
     if known.any():
         scores[known] = bounded_effects(objective, masks[known], best=current, keep=CHALLENGERS)[0]
     ahead = [int(i) for i in np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[:CHALLENGERS]
              if np.isfinite(scores[i]) and scores[i] > current + IMPROVEMENT]
     record = {"criterion_before": current, "layer_criterion": [float(x) for x in scores], "challengers": ahead,
-              "set": None, "gradient_points": 0}
+              "set": None, "gradient_points": 0} | ({"first_look": first_look} if first_look else {})
     best = None
     for layer in ahead:
         try:
@@ -150,6 +156,30 @@ def challenge_layers(objective: Objective, chosen: list[int], target: float, con
         return chosen, target, control, record
     record |= {"set": narrowed, "criterion": last["criterion"]}
     return narrowed, last["target_drop"], last.get("control_damage"), record
+
+
+def _first_look(objective: Objective, masks, chosen: list[int], current: float) -> tuple[np.ndarray, dict | None]:
+    """Which layer masks may beat the set (criterion `current`) by the first look on the leading items (module
+    constants): a mask is ruled out when its estimate plus FIRST_LOOK_Z paired standard errors falls short of
+    the target value beating the set needs (the control costing nothing). All masks may where there are too
+    few items or the objective cannot look (a bootstrap replay), with no record."""
+    n_items = len(objective.baseline_items)
+    n = max(FIRST_LOOK_ITEMS, -(-n_items // 3))
+    everything = np.ones(len(masks), dtype=bool)
+    if 2 * n > n_items:
+        return everything, None
+    values = objective.first_look(masks, n)
+    if values is None:
+        return everything, None
+    set_values = objective.seen_values(chosen)
+    paired = values - set_values[:n]
+    estimate = set_values.mean() + paired.mean(axis=1)
+    error = paired.std(axis=1, ddof=1) / np.sqrt(n)
+    needed = objective.values_needed(current + IMPROVEMENT)
+    may_beat = estimate + FIRST_LOOK_Z * error >= needed
+    return may_beat, {"items": n, "needed": float(needed), "estimate": [float(x) for x in estimate],
+                      "standard_error": [float(x) for x in error],
+                      "ruled_out": [int(i) for i in np.flatnonzero(~may_beat)]}
 
 
 def _beats(objective: Objective, chosen: list[int], current: float, challenger: list[int],
