@@ -159,6 +159,36 @@ class UnevenChoice(MultipleChoiceTask):
                      label=i % 3) for i in range(needed)]
 
 
+def test_prefix_groups_are_packed_by_length_with_less_padding_than_item_order():
+    """Every group in exactly one pack, each pack within PACK_TOKENS, and fewer padded tokens than packing the
+    groups in item order (prefix lengths alternating short and long)."""
+    from caploc.evaluator.requests import Requests
+    from caploc.evaluator.scoring import PACK_TOKENS, _packs
+
+    task = UnevenChoice()
+    items = [task.items(40)[i] for i in [j // 2 if j % 2 else 39 - j // 2 for j in range(40)]]
+    requests = Requests(byte_tokenizer(), task, items)
+    assert requests.packed
+    groups = [(p, m) for p, m in requests.prefix_groups().items() if p]
+
+    def padded(pack):
+        suffix = max(len(requests.sequences[s].context) + len(requests.sequences[s].continuation) - 1
+                     for _, members in pack for s in members)
+        return len(pack) * max(len(p) for p, _ in pack) + sum(len(m) for _, m in pack) * suffix
+
+    packs = _packs(groups, requests)
+    assert sorted(s for pack in packs for _, m in pack for s in m) == sorted(s for _, m in groups for s in m)
+    assert all(padded(pack) <= PACK_TOKENS or len(pack) == 1 for pack in packs)
+    in_order, current = [], []  # the packing this replaced: consecutive groups up to PACK_TOKENS
+    for group in groups:
+        if current and padded(current + [group]) > PACK_TOKENS:
+            in_order.append(current)
+            current = []
+        current.append(group)
+    in_order.append(current)
+    assert sum(map(padded, packs)) < 0.8 * sum(map(padded, in_order))
+
+
 @pytest.mark.parametrize("name", ARCHS)
 def test_packed_multiple_choice_prefixes_match_plain_forward(name):
     # items of different lengths share passes (left-padded prefixes, one per item): every choice's score

@@ -90,6 +90,8 @@ class Evaluator:
                "max_new_tokens": self.max_new_tokens if self.requests.generation else None}
         if components != "heads" or self.scale != 0.0:  # head ablation keeps the keys it always had
             key |= {"components": components, "scale": self.scale}
+        if self.requests.packed:  # left-padded packs: in bf16 a row's scores depend on its pack's layout
+            key |= {"packs": "by length"}
         self.cache = ScoreCache(key, self.metric_names(), store, self.stats)
 
     def subset(self, n: int) -> "Evaluator":

@@ -150,6 +150,12 @@ class Requests:
             groups.setdefault(seq.prefix, []).append(s)
         return groups
 
+    @property
+    def packed(self) -> bool:
+        """Whether teacher-forced scoring packs several prefix groups into shared passes (one prefix per
+        multiple-choice item)."""
+        return self.sequences is not None and sum(1 for p in self.prefix_groups() if p) > 1
+
     def row_tokens(self, members, shared_prefix: bool = False) -> int:
         """Tokens a row holds in memory: its suffix, plus the prefix KV cache it attends to unless the
         prefix is shared (its K/V then join a row only inside one layer's attention call)."""
