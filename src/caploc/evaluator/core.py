@@ -97,8 +97,8 @@ class Evaluator:
     def subset(self, n: int) -> "Evaluator":
         """The same evaluation on the first `n` items only (its own store entries; the counters are this
         evaluator's): a cheap first look at masks that are then scored on every item only if they may matter."""
-        # mean ablation keeps the means of the whole reference
-        recipe = self.recipe | {"items": self.items[:n], "reference_items": self.recipe["reference_items"] or self.items}
+        reference = self.recipe["reference_items"] or self.items  # mean ablation keeps the whole reference's means
+        recipe = self.recipe | {"items": self.items[:n], "reference_items": reference}
         return Evaluator(self.lm, **recipe, store=self.store, progress=self.progress, backend=self.backend,
                          stats=self.stats)
 

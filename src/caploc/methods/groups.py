@@ -8,7 +8,8 @@ while the group is large, then exactly), keeping the ones whose restoration woul
 `challenge_layers` puts that to a set a search found: every layer ablated whole (one exact mask each); the
 layers whose whole ablation beats the set (at most CHALLENGERS, best first) are eliminated down to the set's
 size, and the best of them replaces the set when it has the higher criterion in `exchange.CONFIDENCE` of the
-bootstrap resamples of the items (the rule a swap must pass). With `polish_swaps`, a best challenger that
+bootstrap resamples of the items (the rule a swap must pass). A layer mask is scored on every item only when a
+first look on the leading third of them leaves it a chance of beating the set (FIRST_LOOK_Z). With `polish_swaps`, a best challenger that
 loses gets one exchange pass first and meets the set again: elimination restores one head at a time and can
 keep a head whose layer-mate does the job better, which one swap mends (on Qwen2.5-Coder-0.5B 2D+ a layer-16
 challenger at criterion 0.898 lost to a set at 0.893 in 32% of the resamples; one swap took it to 0.963).
