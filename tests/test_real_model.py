@@ -112,3 +112,23 @@ def test_a_task_the_model_barely_does_is_said_in_one_line(smollm):
     capable = evaluate(smollm, TaskSpec("ioi", n=20))
     assert capable.metrics["acc"]["baseline"] >= 0.5
     assert not [w for w in capable.warnings if "barely" in w]
+
+
+def test_the_layer_challenge_s_first_look_rules_out_only_layers_that_fall_short_on_every_item(smollm):
+    """On the embedded model (2D+, 24 identification items, the `general` control, a weak two-head set): the
+    layers the first look (8 leading items) rules out fall short of the set when scored on all 24 items too;
+    some layers are ruled out and some are kept."""
+    from caploc.methods import Objective, groups
+    from caploc.methods.exchange import IMPROVEMENT
+
+    task, general = get_task("arithmetic", subtask="2D+", shots=3), get_task("general")
+    objective = Objective(Evaluator(smollm, task, task.items(24, seed=0)), "logprob",
+                          [Evaluator(smollm, general, general.items(8, seed=0))])
+    chosen = [smollm.layout.index(Head(14, 1)), smollm.layout.index(Head(11, 1))]
+    target, control = objective.responses(objective.set_masks([chosen]))
+    _, _, _, record = groups.challenge_layers(objective, chosen, float(target[0]), float(control[0]))
+    first = record["first_look"]
+    ruled_out = first["ruled_out"]
+    assert first["items"] == 8 and 0 < len(ruled_out) < smollm.layout.n_layers
+    every_item = objective.upper_bound(objective.drops(objective.set_masks(groups.layer_groups(objective))))
+    assert (every_item[ruled_out] < record["criterion_before"] + IMPROVEMENT).all()
