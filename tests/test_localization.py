@@ -203,8 +203,10 @@ def test_atp_misses_a_saturated_head_that_refine_with_a_cs_screen_finds(planted)
     result = ScreenRefine("css", n_candidates=6, exchange_passes=0, n_masks=40, sparsity=0.1, seed=0).run(objective,
                                                                                                          k=3)
     assert {lm.layout.head(i) for i in result.top(3)} == set(PLANTED)
-    # the screen's masks, greedy over its 6 candidates, then the layer challenge's one mask per layer
-    assert objective.requested == 40 + 6 + 5 + 4 + lm.layout.n_layers
+    # the screen's masks, greedy over its 6 candidates, then the layer challenge's one mask per layer that its
+    # first look keeps
+    kept = lm.layout.n_layers - len(result.details["layer_challenge"]["first_look"]["ruled_out"])
+    assert objective.requested == 40 + 6 + 5 + 4 + kept
     assert len(result.details["candidates"]) == 6
 
 
