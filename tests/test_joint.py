@@ -254,3 +254,18 @@ def test_the_capped_simplex_projection():
     assert abs(p.sum() - 2.0) < 1e-9 and p.min() >= 0 and p.max() <= 1
     assert list(np.argsort(-p)[:3]) == [5, 0, 1]
     np.testing.assert_allclose(project_capped_simplex(np.array([0.2, 0.3]), 2.0), [0.2, 0.3])
+
+
+def test_a_replay_s_elimination_stops_where_the_run_scored_no_option_s_control(redundant):
+    """A replay whose elimination reaches options the run scored on the target but not on the control stops
+    there, its set's criterion known, instead of taking an option of unknown criterion (which the layer
+    challenge's support test could then not score)."""
+    from caploc.methods import groups
+
+    lm, task = redundant
+    objective = _objective(redundant, controls=(task,))
+    group = list(range(lm.layout.n_heads))
+    objective.responses(objective.set_masks([group]))
+    objective.drops(objective.set_masks([[h for h in group if h != out] for out in group]))  # targets only
+    chosen, curve = groups.eliminate(objective.resampled(np.random.default_rng(0)), group, 2)
+    assert chosen == group and len(curve) == 1 and np.isfinite(curve[0]["criterion"])

@@ -93,6 +93,8 @@ def eliminate(objective: Objective, group: list[int], k: int | None) -> tuple[li
         if not known.any():  # a bootstrap replay off the run's path
             break
         scores, target, control = bounded_effects(objective, masks[known])
+        if np.isnan(scores).all():  # a replay: the run scored none of these options' controls
+            break
         options = [out for out, ok in zip(current, known) if ok]
         best = int(np.argmax(np.where(np.isnan(scores), -np.inf, scores)))
         current = [h for h in current if h != options[best]]
