@@ -151,8 +151,12 @@ class Objective:
     def item_share(self, scores: np.ndarray) -> float:
         """The mean over items of the share of each answer's probability removed, 1 - p'/p (an item whose
         answer became more likely counts at most -1)."""
-        shares = np.clip(-np.expm1(-(self.baseline_items - scores)), -1.0, 1.0)
-        return float(_mean(shares, self.weights[0]))
+        return float(_mean(self._shares(scores, self.baseline_items), self.weights[0]))
+
+    @staticmethod
+    def _shares(scores: np.ndarray, baseline: np.ndarray) -> np.ndarray:
+        """Per item, the share of the answer's probability removed, 1 - p'/p, within [-1, 1]."""
+        return np.clip(-np.expm1(-(baseline - scores)), -1.0, 1.0)
 
     @staticmethod
     def as_drop(share: float) -> float:
@@ -219,9 +223,7 @@ class Objective:
     def item_values(self, scores: np.ndarray, baseline: np.ndarray) -> np.ndarray:
         """Per item, what the criterion's target part averages: the share of the answer's probability removed
         (`item_share`'s, where the share is taken per item), else the metric's drop."""
-        if self.per_item:
-            return np.clip(-np.expm1(-(baseline - scores)), -1.0, 1.0)
-        return baseline - scores
+        return self._shares(scores, baseline) if self.per_item else baseline - scores
 
     def values_needed(self, criterion: float) -> float:
         """The mean item value (`item_values`) at which a mask's criterion could reach `criterion` (its upper
