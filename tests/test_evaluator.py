@@ -189,16 +189,26 @@ def test_prefix_groups_are_packed_by_length_with_less_padding_than_item_order():
     assert sum(map(padded, packs)) < 0.8 * sum(map(padded, in_order))
 
 
+@pytest.mark.parametrize("later_layers", [False, True])
 @pytest.mark.parametrize("name", ARCHS)
-def test_packed_multiple_choice_prefixes_match_plain_forward(name):
+def test_packed_multiple_choice_prefixes_match_plain_forward(name, later_layers):
     # items of different lengths share passes (left-padded prefixes, one per item): every choice's score
-    # under every mask equals a plain forward of the weight-zeroed model
+    # under every mask equals a plain forward of the weight-zeroed model; with no mask below layer 1 the
+    # passes start there from the pack's unablated states (the K/V of the layers below handed to the cache)
     model, tok = build(name), byte_tokenizer()
     lm = wrap_model(model, tok)
     task = UnevenChoice()
     items = task.items(5)
-    sets = [[], [1, 6], [lm.layout.n_total - 2]]
-    result = Evaluator(lm, task, items).evaluate(sets)
+    per_layer = lm.layout.n_total // lm.layout.n_layers
+    sets = [[], [per_layer + 1, lm.layout.n_total - 1], [lm.layout.n_total - 2]] if later_layers else \
+        [[], [1, 6], [lm.layout.n_total - 2]]
+    evaluator = Evaluator(lm, task, items)
+    result = evaluator.evaluate(sets)
+    reused = [u is not None for u in evaluator.scorer._unablated_packs.values()]
+    if later_layers:  # sliding-window caches keep only their window: no K/V to hand back, no reuse
+        assert reused and all(reused) == (name not in ("gemma2", "gemma3_text"))
+    else:
+        assert not reused
     for m, heads in enumerate(sets):
         edited = copy.deepcopy(model)
         head_site(edited).zero_columns([lm.layout.head(i) for i in heads])
@@ -209,6 +219,25 @@ def test_packed_multiple_choice_prefixes_match_plain_forward(name):
                 logits = edited(torch.tensor([full])).logits[0, len(prompt) - 1:-1]
             expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(full[len(prompt):])[:, None]).sum().item()
             assert result.scores["logprob"][m, i] == pytest.approx(expected, abs=1e-4), (m, i)
+
+
+def test_packed_control_items_start_at_the_first_ablated_layer_on_the_real_model(smollm, monkeypatch):
+    """`general` (one prefix per item, packed) under head sets from layer 10 up, on the embedded SmolLM2: the
+    passes start at layer 10 from the packs' unablated states, with the scores of running every layer."""
+    import caploc.evaluator.scoring as scoring
+
+    task = get_task("general")
+    items = task.items(12)
+    sets = [[smollm.layout.index(smollm.layout.parse(h)) for h in heads]
+            for heads in (("L10H1", "L20H3"), ("L12H0",), ("L29H8", "L15H2", "L10H4"))]
+    reusing = Evaluator(smollm, task, items)
+    got = reusing.evaluate(sets).scores["logprob"]
+    assert reusing.scorer._unablated_packs and all(u is not None for u in reusing.scorer._unablated_packs.values())
+    monkeypatch.setattr(scoring, "LAYER_REUSE_BYTES", 0)
+    every_layer = Evaluator(smollm, task, items)
+    expected = every_layer.evaluate(sets).scores["logprob"]
+    assert not any(u is not None for u in every_layer.scorer._unablated_packs.values())
+    np.testing.assert_allclose(got, expected, atol=2e-4)
 
 
 def test_generation_shares_the_few_shot_prefix_and_writes_what_it_would_without(smollm, monkeypatch):

@@ -12,17 +12,18 @@ left padding in bf16 moves a row's logits by as much as one head's effect).
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from caploc.evaluator.batches import pad_batch
 from caploc.evaluator.requests import CHUNK_OVERHEAD, Requests
 from caploc.evaluator.runner import ModelRunner, returned_cache
 from caploc.evaluator.shortcuts import shortcut_forward
-from caploc.hooks import gathered_output_positions
+from caploc.hooks import gathered_output_positions, recorded_layer_inputs, skipped_layers
 from caploc.masks import Masks
 
 LAYER_REUSE_BYTES = 1 << 30  # unablated hidden states an evaluator keeps for layer reuse; above this, none
@@ -47,12 +48,68 @@ class _Unablated:
 
 
 
+@dataclass
+class _PackLayout:
+    """A pack's padded layout, the same under every mask: its prefixes left-padded [n_groups, P], its member
+    sequences' own tokens right-padded [n_seq, width] after their group's prefix."""
+
+    seqs: list
+    starts: list[int]  # per sequence, the position predicting its first continuation token
+    group_of: torch.Tensor  # per sequence, its group
+    pre_ids: torch.Tensor
+    pre_real: torch.Tensor
+    pre_positions: torch.Tensor
+    suf_ids: torch.Tensor
+    attention: torch.Tensor  # per sequence [its prefix's real tokens | its own]
+    positions: torch.Tensor
+    real_tokens: int  # tokens a mask computes (padding aside)
+
+    @classmethod
+    def of(cls, requests: Requests, pack, pad: int, device) -> _PackLayout:
+        group_of = torch.tensor([g for g, (_, members) in enumerate(pack) for _ in members], device=device)
+        seqs = [requests.sequences[s] for _, members in pack for s in members]
+        pre_ids, pre_real = pad_batch([list(p) for p, _ in pack], pad, side="left", device=device)
+        inputs = [seq.context + seq.continuation[:-1] for seq in seqs]
+        suf_ids, _ = pad_batch(inputs, pad, device=device)
+        prefix_len = pre_real.sum(1)
+        return cls(seqs=seqs, starts=[len(seq.context) - 1 for seq in seqs], group_of=group_of,
+                   pre_ids=pre_ids, pre_real=pre_real, pre_positions=(pre_real.cumsum(1) - 1).clamp_min(0),
+                   suf_ids=suf_ids, attention=torch.cat([pre_real[group_of], torch.ones_like(suf_ids)], dim=1),
+                   positions=prefix_len[group_of][:, None] + torch.arange(suf_ids.shape[1], device=device)[None],
+                   real_tokens=int(pre_real.sum()) + sum(map(len, inputs)))
+
+    @property
+    def n_groups(self) -> int:
+        return self.pre_ids.shape[0]
+
+    @property
+    def n_seq(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.pre_ids.numel() + self.suf_ids.numel()
+
+
+@dataclass
+class _UnablatedPack:
+    """A pack's unablated states: the hidden states entering every layer, for its prefix rows [n_groups, P,
+    hidden] and its sequences' rows [n_seq, width, hidden], and every layer's prefix K/V."""
+
+    prefix: list
+    suffix: list
+    kv: list
+    plain: bool = True  # the model's cache is plain full attention: K/V can be handed back
+
+
 class Scorer(ModelRunner):
     """Teacher-forced passes; keeps the unablated hidden states of each prefix group for layer reuse."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._unablated: dict[tuple[int, ...], _Unablated | None] = {}
+        self._unablated_packs: dict[tuple, _UnablatedPack | None] = {}
+        self._pack_bytes = 0  # what the packs' unablated states take
 
     def masks_per_pass(self, requests: Requests) -> int:
         n_seq = len(requests.sequences)
@@ -74,8 +131,9 @@ class Scorer(ModelRunner):
         groups = requests.prefix_groups()
         prefixed = [(p, m) for p, m in groups.items() if p]
         if requests.packed:  # many prefixes (one per multiple-choice item): pack them into shared passes
+            start = self.first_layer(masks) if self.shortcuts.layer_reuse else 0
             for pack in _packs(prefixed, requests):
-                logprob, greedy = self._score_packed(requests, pack, mask_dev)
+                logprob, greedy = self._score_packed(requests, pack, mask_dev, start)
                 members = [s for _, group in pack for s in group]
                 seq_logprob[:, members] = logprob
                 seq_greedy[:, members] = greedy
@@ -95,44 +153,81 @@ class Scorer(ModelRunner):
                 seq_greedy[:, chunk] = greedy
         return seq_logprob, seq_greedy
 
-    def _score_packed(self, requests: Requests, pack, mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _score_packed(self, requests: Requests, pack, mask: torch.Tensor,
+                      start: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Several prefix groups in shared passes: their prefixes (LEFT-padded and attention-masked, so every
         suffix starts at the same cache index and sliding-window attention sees true distances) once per
         mask, then every member sequence on its own group's prefix cache. The pack and its padded layout are
-        fixed by the items alone, so a sequence is laid out the same way under every mask."""
-        pad = self.lm.tokenizer.pad_token_id
-        prefixes = [list(p) for p, _ in pack]
-        group_of = torch.tensor([g for g, (_, members) in enumerate(pack) for _ in members], device=self.device)
-        seqs = [requests.sequences[s] for _, members in pack for s in members]
-        pre_ids, pre_real = pad_batch(prefixes, pad, side="left", device=self.device)
-        pre_positions = (pre_real.cumsum(1) - 1).clamp_min(0)
-        inputs = [seq.context + seq.continuation[:-1] for seq in seqs]
-        suf_ids, _ = pad_batch(inputs, pad, device=self.device)
-        n_groups, n_seq, width = len(pack), len(seqs), suf_ids.shape[1]
-        prefix_len = pre_real.sum(1)
-        starts = [len(seq.context) - 1 for seq in seqs]
-        attention = torch.cat([pre_real[group_of], torch.ones_like(suf_ids)], dim=1)
-        positions = prefix_len[group_of][:, None] + torch.arange(width, device=self.device)[None]
-        per_call = max(1, self.batch_tokens // (n_groups * pre_ids.shape[1] + n_seq * width))
-        total = np.zeros((mask.shape[0], n_seq))
-        greedy = np.zeros((mask.shape[0], n_seq), dtype=bool)
+        fixed by the items alone, so a sequence is laid out the same way under every mask. With `start` > 0
+        (no mask touches a layer below it) both passes start at that layer from the pack's unablated states."""
+        layout = _PackLayout.of(requests, pack, self.lm.tokenizer.pad_token_id, self.device)
+        unablated = self._unablated_pack(pack, layout) if start else None
+        start = start if unablated is not None else 0
+        per_call = max(1, self.batch_tokens // layout.padded_tokens)
+        total = np.zeros((mask.shape[0], layout.n_seq))
+        greedy = np.zeros((mask.shape[0], layout.n_seq), dtype=bool)
         for m0 in range(0, mask.shape[0], per_call):
             chunk = mask[m0:m0 + per_call]
-            c = chunk.shape[0]
-            with self.applied(chunk.repeat_interleave(n_groups, dim=0)):  # mask-major rows
-                cache = returned_cache(self.lm.model(
-                    input_ids=pre_ids.repeat(c, 1), attention_mask=pre_real.repeat(c, 1),
-                    position_ids=pre_positions.repeat(c, 1), use_cache=True, logits_to_keep=1))
-            cache.batch_select_indices((torch.arange(c, device=self.device)[:, None] * n_groups
-                                        + group_of[None]).reshape(-1))
-            scored = ScoredTokens(seqs, starts, c, self.device)
-            with self.applied(chunk.repeat_interleave(n_seq, dim=0)), scored.applied(self.lm.model):
-                logits = self.lm.model(input_ids=suf_ids.repeat(c, 1), attention_mask=attention.repeat(c, 1),
-                                       position_ids=positions.repeat(c, 1), use_cache=True, logits_to_keep=0,
-                                       **{self.cache_name: cache}).logits
-            self.stats.tokens += int(pre_real.sum()) * c + sum(len(x) for x in inputs) * c
-            total[m0:m0 + c], greedy[m0:m0 + c] = scored.reduce(logits)
+            scored = ScoredTokens(layout.seqs, layout.starts, chunk.shape[0], self.device)
+            logits = self._packed_passes(layout, chunk, scored, start, unablated)
+            self.stats.tokens += self.layer_share(layout.real_tokens * chunk.shape[0], start)
+            total[m0:m0 + chunk.shape[0]], greedy[m0:m0 + chunk.shape[0]] = scored.reduce(logits)
         return total, greedy
+
+    def _packed_passes(self, layout: _PackLayout, chunk: torch.Tensor, scored: ScoredTokens, start: int = 0,
+                       unablated: _UnablatedPack | None = None, record: _UnablatedPack | None = None):
+        """The prefix pass and the suffix pass of a pack under the masks `chunk` (mask-major rows), starting at
+        layer `start` from `unablated` (the layers below take the unablated prefixes' K/V into the cache); the
+        suffix pass's logits. `record` receives every layer's inputs and the prefixes' K/V."""
+        model, c = self.lm.model, chunk.shape[0]
+        with ExitStack() as stack:
+            stack.enter_context(self.applied(chunk.repeat_interleave(layout.n_groups, dim=0)))
+            if start:
+                stack.enter_context(skipped_layers(model, start, unablated.prefix[start].repeat(c, 1, 1)))
+            if record is not None:
+                stack.enter_context(recorded_layer_inputs(model, record.prefix))
+            cache = returned_cache(model(
+                input_ids=layout.pre_ids.repeat(c, 1), attention_mask=layout.pre_real.repeat(c, 1),
+                position_ids=layout.pre_positions.repeat(c, 1), use_cache=True, logits_to_keep=1))
+        if record is not None:
+            record.kv = [(layer.keys, layer.values) for layer in getattr(cache, "layers", ())]
+            record.plain = all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+        for layer in range(start):  # not run: their K/V are the unablated prefixes'
+            cache.layers[layer].update(*(x.repeat(c, 1, 1, 1) for x in unablated.kv[layer]))
+        cache.batch_select_indices((torch.arange(c, device=self.device)[:, None] * layout.n_groups
+                                    + layout.group_of[None]).reshape(-1))
+        with ExitStack() as stack:
+            stack.enter_context(self.applied(chunk.repeat_interleave(layout.n_seq, dim=0)))
+            stack.enter_context(scored.applied(model))
+            if start:
+                stack.enter_context(skipped_layers(model, start, unablated.suffix[start].repeat(c, 1, 1)))
+            if record is not None:
+                stack.enter_context(recorded_layer_inputs(model, record.suffix))
+            return model(input_ids=layout.suf_ids.repeat(c, 1), attention_mask=layout.attention.repeat(c, 1),
+                         position_ids=layout.positions.repeat(c, 1), use_cache=True, logits_to_keep=0,
+                         **{self.cache_name: cache}).logits
+
+    @torch.no_grad()
+    def _unablated_pack(self, pack, layout: _PackLayout) -> _UnablatedPack | None:
+        """The pack's unablated states (computed once per evaluator), or None when the packs' states together
+        would take more than LAYER_REUSE_BYTES (a thousand 5-shot MMLU items would take tens of GB) or the
+        model's cache is not plain full attention (a sliding-window layer keeps only its window, so its K/V
+        could not be handed back whole)."""
+        key = tuple(prefix for prefix, _ in pack)
+        if key not in self._unablated_packs:
+            size = (self.ablation.site.n_layers * getattr(self.lm.model.config, "hidden_size", 0)
+                    * next(self.lm.model.parameters()).dtype.itemsize * layout.padded_tokens)
+            record = None
+            if self._pack_bytes + size <= LAYER_REUSE_BYTES:
+                self._pack_bytes += size
+                record = _UnablatedPack([], [], [])
+                unablated_row = torch.zeros(1, self.ablation.n_total, dtype=torch.bool, device=self.device)
+                self._packed_passes(layout, unablated_row, ScoredTokens(layout.seqs, layout.starts, 1, self.device),
+                                    record=record)
+                self.stats.tokens += layout.real_tokens
+                record = record if record.plain else None
+            self._unablated_packs[key] = record
+        return self._unablated_packs[key]
 
     def _run_prefix(self, prefix: tuple[int, ...], mask: torch.Tensor, start: int = 0,
                     unablated: _Unablated | None = None):
