@@ -103,7 +103,7 @@ class _UnablatedPack:
 
 
 class Scorer(ModelRunner):
-    """Teacher-forced passes; keeps the unablated hidden states of each prefix group for layer reuse."""
+    """Teacher-forced passes; keeps the unablated states of each prefix group and each pack for layer reuse."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
