@@ -25,11 +25,12 @@ class _RoomyLayer(DynamicLayer):
         self.room = room
         self.lazy_initialization(keys, values)
         self._length = keys.shape[-2]
-        self._buffers = tuple(self._with_room(x, self._length + room) for x in (keys, values))
+        self._buffers = tuple(self._buffer(x, self._length + room) for x in (keys, values))
         self._views()
 
     @staticmethod
-    def _with_room(x: torch.Tensor, capacity: int) -> torch.Tensor:
+    def _buffer(x: torch.Tensor, capacity: int) -> torch.Tensor:
+        """`x` at the front of a buffer of `capacity` positions."""
         out = x.new_empty(*x.shape[:-2], capacity, x.shape[-1])
         out[..., :x.shape[-2], :] = x
         return out
@@ -40,7 +41,7 @@ class _RoomyLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         new = key_states.shape[-2]
         if self._length + new > self._buffers[0].shape[-2]:  # out of room: grow once more by `room`
-            self._buffers = tuple(self._with_room(x, self._length + new + self.room) for x in (self.keys, self.values))
+            self._buffers = tuple(self._buffer(x, self._length + new + self.room) for x in (self.keys, self.values))
         for buffer, states in zip(self._buffers, (key_states, value_states)):
             buffer[..., self._length:self._length + new, :] = states
         self._length += new

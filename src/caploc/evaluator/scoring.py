@@ -207,6 +207,11 @@ class Scorer(ModelRunner):
                          position_ids=layout.positions.repeat(c, 1), use_cache=True, logits_to_keep=0,
                          **{self.cache_name: cache}).logits
 
+    def _state_bytes(self, tokens: int) -> int:
+        """What the hidden states entering every layer take for `tokens` positions."""
+        return (self.ablation.site.n_layers * getattr(self.lm.model.config, "hidden_size", 0)
+                * next(self.lm.model.parameters()).dtype.itemsize * tokens)
+
     @torch.no_grad()
     def _unablated_pack(self, pack, layout: _PackLayout) -> _UnablatedPack | None:
         """The pack's unablated states (computed once per evaluator), or None when the packs' states together
@@ -215,8 +220,7 @@ class Scorer(ModelRunner):
         could not be handed back whole)."""
         key = tuple(prefix for prefix, _ in pack)
         if key not in self._unablated_packs:
-            size = (self.ablation.site.n_layers * getattr(self.lm.model.config, "hidden_size", 0)
-                    * next(self.lm.model.parameters()).dtype.itemsize * layout.padded_tokens)
+            size = self._state_bytes(layout.padded_tokens)
             record = None
             if self._pack_bytes + size <= LAYER_REUSE_BYTES:
                 self._pack_bytes += size
@@ -251,12 +255,9 @@ class Scorer(ModelRunner):
         evaluator), or None when they would take more than LAYER_REUSE_BYTES."""
         if prefix in self._unablated:
             return self._unablated[prefix]
-        model, config = self.lm.model, self.lm.model.config
+        model = self.lm.model
         inputs = {s: requests.sequences[s].context + requests.sequences[s].continuation[:-1] for s in members}
-        size = (self.ablation.site.n_layers * getattr(config, "hidden_size", 0)
-                * next(model.parameters()).dtype.itemsize
-                * (len(prefix) + sum(len(x) for x in inputs.values())))
-        if size > LAYER_REUSE_BYTES:
+        if self._state_bytes(len(prefix) + sum(len(x) for x in inputs.values())) > LAYER_REUSE_BYTES:
             self._unablated[prefix] = None
             return None
         prefix_inputs, prefix_kv = None, None
