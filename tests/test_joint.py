@@ -269,3 +269,46 @@ def test_a_replay_s_elimination_stops_where_the_run_scored_no_option_s_control(r
     objective.drops(objective.set_masks([[h for h in group if h != out] for out in group]))  # targets only
     chosen, curve = groups.eliminate(objective.resampled(np.random.default_rng(0)), group, 2)
     assert chosen == group and len(curve) == 1 and np.isfinite(curve[0]["criterion"])
+
+
+def test_the_layer_challenge_scores_a_cheaper_control_first_and_skips_targets_it_rules_out(redundant, monkeypatch):
+    """Where the control costs fewer tokens per mask than the target, a layer mask's control is scored first,
+    and its target only when its criterion could still beat the set with the whole target removed (a target
+    share of 1). Here the control is the task itself on 8 items at a penalty of 10: the pair's layer removes
+    it, so that layer's 24-item target is never scored, and the challenge decides what it decides (here: a
+    layer-0 set replaces the decoy's) when every layer surviving the first look is scored on the target."""
+    from caploc.methods import groups
+
+    lm, task = redundant
+    decoy_set = [lm.layout.index(DECOY), lm.layout.index(type(DECOY)(DECOY.layer, 5))]
+
+    def challenge():
+        objective = Objective(Evaluator(lm, task, task.items(24, seed=0)), "logprob",
+                              [Evaluator(lm, task, task.items(8, seed=1))], penalty=10.0)
+        target, control = objective.responses(objective.set_masks([decoy_set]))
+        kept = groups.challenge_layers(objective, decoy_set, float(target[0]), float(control[0]))
+        return objective, kept
+
+    skipping, (kept, _, _, record) = challenge()
+    monkeypatch.setattr(groups, "_control_allows", lambda objective, masks, candidates, needed:
+                        np.ones(len(masks), dtype=bool))
+    scoring, (kept_all, _, _, record_all) = challenge()
+    layer = REDUNDANT[0].layer
+    assert np.isnan(record["layer_criterion"][layer])
+    assert record_all["layer_criterion"][layer] < record["criterion_before"]  # scored in full: it loses
+    assert kept == kept_all and record["set"] == record_all["set"]
+    assert record["challengers"] == record_all["challengers"]
+    assert skipping.requested < scoring.requested
+    assert skipping.evaluator.stats.evaluations < scoring.evaluator.stats.evaluations
+
+
+def test_a_control_that_costs_more_than_the_target_is_not_scored_first(redundant):
+    lm, task = redundant
+    from caploc.methods import groups
+
+    objective = Objective(Evaluator(lm, task, task.items(8, seed=0)), "logprob",
+                          [Evaluator(lm, task, task.items(24, seed=1))], penalty=10.0)
+    masks = objective.set_masks(groups.layer_groups(objective))
+    before = objective.control_requested
+    assert groups._control_allows(objective, masks, np.ones(len(masks), dtype=bool), 0.0).all()
+    assert objective.control_requested == before

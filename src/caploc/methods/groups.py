@@ -9,7 +9,8 @@ while the group is large, then exactly), keeping the ones whose restoration woul
 layers whose whole ablation beats the set (at most CHALLENGERS, best first) are eliminated down to the set's
 size, and the best of them replaces the set when it has the higher criterion in `exchange.CONFIDENCE` of the
 bootstrap resamples of the items (the rule a swap must pass). A layer mask is scored on every item only when a
-first look on the leading third of them leaves it a chance of beating the set (FIRST_LOOK_Z). With
+first look on the leading third of them leaves it a chance of beating the set (FIRST_LOOK_Z), and, where the
+controls cost less per mask than the target, when its control damage leaves it one too (`_control_allows`). With
 `polish_swaps`, a best challenger that loses gets one exchange pass first and meets the set again: elimination
 restores one head at a time and can keep a head whose layer-mate does the job better, which one swap mends (on
 Qwen2.5-Coder-0.5B 2D+ a layer-16 challenger at criterion 0.898 lost to a set at 0.893 in 32% of the resamples;
@@ -123,6 +124,7 @@ def challenge_layers(objective: Objective, chosen: list[int], target: float, con
     masks = objective.set_masks(layers)
     may_beat, first_look = _first_look(objective, masks, chosen, current)
     known = objective.evaluated(masks) & may_beat
+    known &= _control_allows(objective, masks, known, current + IMPROVEMENT)
     scores = np.full(len(layers), np.nan)
     if known.any():
         scores[known] = bounded_effects(objective, masks[known], best=current, keep=CHALLENGERS)[0]
@@ -185,6 +187,26 @@ def _first_look(objective: Objective, masks, chosen: list[int], current: float) 
     return may_beat, {"items": n, "needed": float(needed), "estimate": [float(x) for x in estimate],
                       "standard_error": [float(x) for x in error],
                       "ruled_out": [int(i) for i in np.flatnonzero(~may_beat)]}
+
+
+def _control_allows(objective: Objective, masks, candidates: np.ndarray, needed: float) -> np.ndarray:
+    """Which of the `candidates` masks may still reach criterion `needed` once their control damage is known:
+    where the controls cost fewer tokens per mask than the target, they are scored first, and a mask whose
+    damage alone keeps its criterion below `needed` (its target share is at most 1) is never scored on the
+    target. Exact: every mask that could beat the set is still scored. On GSM8K (1.5B, 8-shot) layers 0 and 1
+    removed 97% of the answers and as much of `general`; their target masks cost 65 s each, their controls 8 s.
+    All masks may where there are no controls, or the controls cost more."""
+    allowed = np.ones(len(masks), dtype=bool)
+    target_cost = objective.evaluator.tokens_per_mask()
+    control_cost = [c.tokens_per_mask() for c in objective.controls]
+    if (not objective.has_control or target_cost is None or None in control_cost
+            or sum(control_cost) >= target_cost):
+        return allowed
+    look = np.flatnonzero(candidates & objective.evaluated(masks, control=True))
+    if len(look):
+        bound = objective.specificity(np.full(len(look), np.inf), objective.control_drops(masks[look]))
+        allowed[look] = bound > needed
+    return allowed
 
 
 def _beats(objective: Objective, chosen: list[int], current: float, challenger: list[int],
