@@ -240,6 +240,35 @@ def test_packed_control_items_start_at_the_first_ablated_layer_on_the_real_model
     np.testing.assert_allclose(got, expected, atol=2e-4)
 
 
+def test_a_greedy_round_on_the_real_model_starts_where_its_masks_part_from_the_first(smollm, monkeypatch):
+    """GSM8K's reference log-probability (2-shot, the fixture's problems) on the embedded SmolLM2, one mask per
+    pass: a round of candidates on top of a set held in layers 8 and 12. The first mask scored is a late
+    candidate whose hidden states are kept; the others start where they part from it, with the scores of
+    each starting at its own first layer, at fewer tokens."""
+    from pathlib import Path
+
+    from caploc.evaluator import core
+
+    task = get_task("gsm8k", data=str(Path(__file__).parent / "fixtures" / "gsm8k_mini.jsonl"), shots=2)
+    task = task.for_metric("ref_logprob")
+    items = task.items(3)
+    layout = smollm.layout
+    held = [layout.index(layout.parse(h)) for h in ("L8H1", "L12H4")]
+    sets = [held + [layout.index(layout.parse(h))] for h in ("L3H0", "L9H2", "L14H5", "L20H1", "L25H3", "L27H0",
+                                                              "L29H8")]
+
+    def round_tokens(evaluator):
+        evaluator.baseline()
+        before = evaluator.stats.tokens
+        return evaluator.evaluate(sets).scores["ref_logprob"], evaluator.stats.tokens - before
+
+    based, based_tokens = round_tokens(Evaluator(smollm, task, items, batch_tokens=64))
+    monkeypatch.setattr(core, "MAX_PLANNED", 0)
+    plain, plain_tokens = round_tokens(Evaluator(smollm, task, items, batch_tokens=64))
+    np.testing.assert_allclose(based, plain, atol=2e-4)
+    assert based_tokens < 0.8 * plain_tokens
+
+
 def test_generation_shares_the_few_shot_prefix_and_writes_what_it_would_without(smollm, monkeypatch):
     """The few-shot prefix runs once per mask and its KV cache serves every item; the texts are the ones the
     full prompts give (real model, 2-shot GSM8K, an ablated mask too)."""

@@ -153,6 +153,48 @@ def test_rows_that_start_at_their_first_ablated_layer_equal_weight_zeroing(name,
     assert 0 < late.stats.tokens - before <= full.stats.tokens // lm.layout.n_layers + 1
 
 
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("task_name,options,per_pass", [("arithmetic", {"subtask": "2D+", "shots": 2}, 1),
+                                                         ("arithmetic", {"subtask": "2D+", "shots": 2}, 3),
+                                                         ("induction", {}, 1)])
+def test_a_greedy_round_s_masks_start_where_they_part_from_the_first_one_scored(name, task_name, options,
+                                                                                per_pass, monkeypatch):
+    """A greedy round: a set held in layer 0 plus one candidate each, in layers 0-3. The evaluator scores one
+    of the layer-3 candidates first with its hidden states kept, and the others start where they part from
+    it, from its states (one mask per pass, and three): every score equals the weight-zeroed model's and the
+    round costs fewer tokens than with each mask starting at its own first layer; the states are dropped
+    when the evaluation ends."""
+    from caploc.evaluator import core
+
+    lm = wrap_model(build(name), byte_tokenizer())
+    task = get_task(task_name, **options)
+    items = task.items(3, seed=1)
+    per_head, layers = lm.layout.n_heads, lm.layout.n_layers
+    held = [1]
+    candidates = [0, per_head + 2, 2 * per_head + 1, 2 * per_head + 3] + [(layers - 1) * per_head + h for h in (0, 2, 3)]
+    sets = [held + [c] for c in candidates]
+    probe = Evaluator(lm, task, items, batch_tokens=64)  # the smallest batch that holds per_pass masks
+    while probe.scorer.masks_per_pass(probe.requests) < per_pass:
+        probe.scorer.batch_tokens += 16
+    batch_tokens = probe.scorer.batch_tokens
+    based = Evaluator(lm, task, items, batch_tokens=batch_tokens)
+    assert based.scorer.masks_per_pass(based.requests) == per_pass
+    based.baseline()
+    before = based.stats.tokens
+    result = based.evaluate(sets)
+    based_tokens = based.stats.tokens - before
+    assert based.scorer._base is None
+    for m, heads in enumerate(sets):
+        expected = _weight_zeroed_logprobs(lm, based, heads)
+        np.testing.assert_allclose(result.scores["logprob"][m], expected, atol=1e-4, err_msg=str(heads))
+    monkeypatch.setattr(core, "MAX_PLANNED", 0)
+    plain = Evaluator(lm, task, items, batch_tokens=batch_tokens)
+    plain.baseline()
+    before = plain.stats.tokens
+    np.testing.assert_allclose(plain.evaluate(sets).scores["logprob"], result.scores["logprob"], atol=1e-5)
+    assert based_tokens < plain.stats.tokens - before
+
+
 @pytest.mark.parametrize("window,softcap", [(None, None), (6, None), (3, 5.0)])
 def test_attention_over_a_shared_prefix_has_the_gradient_of_the_concatenation(window, softcap):
     """Under autograd (the gradient screen) the two-part attention is differentiated through the shared

@@ -27,6 +27,8 @@ from caploc.masks import Masks, mask_key
 from caploc.models import LoadedModel
 from caploc.tasks.base import Item, Task
 
+MAX_PLANNED = 256  # masks compared pairwise when choosing a base mask to start the others from
+
 # what a worker process needs besides the model to build the same evaluator (`recipe`); the store, the
 # progress bar and the backend stay with the driver
 _DRIVER_ONLY = ("self", "lm", "store", "progress", "backend", "stats")
@@ -245,13 +247,20 @@ class Evaluator:
     def _compute(self, masks: Masks, groups: list[list[int]], scores, texts) -> None:
         from tqdm.auto import tqdm
 
-        if not self.requests.generation:  # chunks of masks that start at the same layer skip the most
-            groups.sort(key=lambda rows: self.scorer.first_layer(masks[rows[0]]))
         runner = self.generator if self.requests.generation else self.scorer
         per_pass = runner.masks_per_pass(self.requests)
         if self.backend.size > 1:  # enough chunks to keep every worker busy
             per_pass = max(1, min(per_pass, -(-len(groups) // (2 * self.backend.size))))
+        base = None
+        if not self.requests.generation:
+            base = self._base_mask(masks, groups, per_pass)
+            # chunks of masks that start at the same layer skip the most; the base runs first, alone
+            groups.sort(key=lambda rows: self.scorer.start_layer(masks.rows[rows[0]], base))
         chunks = [groups[start:start + per_pass] for start in range(0, len(groups), per_pass)]
+        if base is not None:
+            first = next(i for i, rows in enumerate(groups) if np.array_equal(masks.rows[rows[0]], base))
+            others = groups[:first] + groups[first + 1:]
+            chunks = [[groups[first]]] + [others[start:start + per_pass] for start in range(0, len(others), per_pass)]
         with tqdm(total=len(groups), desc=f"eval {self.task.name}", unit="mask", disable=not self.progress,
                   leave=False) as bar:
             def done(chunk, chunk_scores, chunk_texts):
@@ -265,7 +274,19 @@ class Evaluator:
                     self.stats.evaluations += 1
                 bar.update(len(chunk))
 
-            self.backend.run(self, [(chunk, masks[[g[0] for g in chunk]]) for chunk in chunks], done)
+            with self.scorer.based_on(base):
+                self.backend.run(self, [(chunk, masks[[g[0] for g in chunk]]) for chunk in chunks], done)
+
+    def _base_mask(self, masks: Masks, groups: list[list[int]], per_pass: int) -> np.ndarray | None:
+        """The mask to score first with its hidden states kept, so that the others start where they part from it
+        (`Scorer.based_on`); None where none saves a whole mask's worth of layers, or the chunks run elsewhere
+        (another process's scorer would not have the states), or the items are packed (one prefix per item: their
+        passes start at the first ablated layer of the chunk). Only up to MAX_PLANNED masks are compared."""
+        if self.backend.size > 1 or self.requests.packed or not 1 < len(groups) <= MAX_PLANNED:
+            return None
+        rows = masks.rows[[g[0] for g in groups]]
+        best = self.scorer.base_plan(rows, per_pass)
+        return None if best is None else rows[best]
 
     def score(self, masks: Masks) -> tuple[dict[str, np.ndarray], list[list[str]] | None]:
         """The model's scores under `masks` (no cache): {metric: [n_masks, n_items]}, and generations."""

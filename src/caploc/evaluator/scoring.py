@@ -3,7 +3,10 @@ whether greedy decoding reproduces it, from one forward pass.
 
 The few-shot prefix shared by a group of items is run once per mask, and every row of that mask attends to its
 K/V without a copy (`shortcuts`); rows whose masks leave the first layers alone start at the first ablated
-layer from the unablated hidden states, computed once per evaluator. Suffixes are RIGHT padded and run
+layer from the unablated hidden states, computed once per evaluator; and when an evaluation's masks share
+their first layers with one of them (a greedy round's candidates all hold the set chosen so far), that one runs
+first with its hidden states recorded, and the others start where they part from it (`based_on`). Suffixes
+are RIGHT padded and run
 without an attention mask: for a causal model the real tokens never see the pads, so every row is exact and
 its layout (positions, padding) is the same under every mask, baseline included (right padding is exact;
 left padding in bf16 moves a row's logits by as much as one head's effect).
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -46,6 +49,16 @@ class _Unablated:
             out[r, :states.shape[0]] = states
         return out
 
+
+
+@dataclass
+class _Base:
+    """A mask whose hidden states are kept while an evaluation runs (`Scorer.based_on`): rows of masks that
+    agree with it on the first layers start where they part from it. `states` is per prefix group, filled when
+    the mask itself is scored."""
+
+    mask: np.ndarray  # bool [n_total]
+    states: dict = field(default_factory=dict)  # prefix -> _Unablated under this mask
 
 
 @dataclass
@@ -110,6 +123,7 @@ class Scorer(ModelRunner):
         self._unablated: dict[tuple[int, ...], _Unablated | None] = {}
         self._unablated_packs: dict[tuple, _UnablatedPack | None] = {}
         self._pack_bytes = 0  # what the packs' unablated states take
+        self._base: _Base | None = None
 
     def masks_per_pass(self, requests: Requests) -> int:
         n_seq = len(requests.sequences)
@@ -139,19 +153,103 @@ class Scorer(ModelRunner):
                 seq_greedy[:, members] = greedy
             groups = {p: m for p, m in groups.items() if not p}
         for prefix, members in groups.items():
-            start, unablated = 0, None
-            first_layer = self.first_layer(masks)
-            if self.shortcuts.layer_reuse and first_layer > 0:
-                unablated = self._unablated_states(requests, prefix, members)
-                start = first_layer if unablated is not None else 0
-            prefix_cache = self._run_prefix(prefix, mask_dev, start, unablated) if prefix else None
+            start, sources = self._sources(requests, prefix, members, masks)
+            record = self._recording(requests, prefix, members, masks)
+            prefix_cache = self._run_prefix(prefix, mask_dev, start, sources, record) if prefix else None
             for chunk in requests.length_chunks(members, self.batch_tokens // n_masks,
                                                 self.shortcuts.shared_prefix):
                 logprob, greedy = self._score_chunk(requests, chunk, len(prefix), prefix_cache, mask_dev, start,
-                                                    unablated)
+                                                    sources, record)
                 seq_logprob[:, chunk] = logprob
                 seq_greedy[:, chunk] = greedy
+            if record is not None:
+                self._base.states[prefix] = record
         return seq_logprob, seq_greedy
+
+    # -- where rows start ----------------------------------------------------------------------------------
+    def _layer_rows(self, rows: np.ndarray) -> np.ndarray:
+        site = self.ablation.site
+        return rows.reshape(*rows.shape[:-1], site.n_layers, site.n_units)
+
+    def _first_layers(self, rows: np.ndarray) -> np.ndarray:
+        """Per mask, its first ablated layer; the last layer for none (rows still run one layer)."""
+        touched = self._layer_rows(rows).any(-1)
+        return np.where(touched.any(-1), touched.argmax(-1), self.ablation.site.n_layers - 1)
+
+    def _parting_layers(self, rows: np.ndarray, other: np.ndarray) -> np.ndarray:
+        """Per mask, the first layer where it differs from the mask `other` (the last layer at most)."""
+        differs = (self._layer_rows(rows) != self._layer_rows(other)).any(-1)
+        last = self.ablation.site.n_layers - 1
+        return np.minimum(np.where(differs.any(-1), differs.argmax(-1), last), last)
+
+    def _sources(self, requests: Requests, prefix: tuple[int, ...], members: list[int],
+                 masks: Masks) -> tuple[int, list | None]:
+        """The layer this prefix group's rows start at under `masks`, and per mask the hidden states they
+        start from: the unablated model's (layers before its first ablated one are untouched) or, where it
+        parts from the base mask later than that, the base's."""
+        if not self.shortcuts.layer_reuse:
+            return 0, None
+        starts = self._first_layers(masks.rows)
+        base = self._base.states.get(prefix) if self._base is not None else None
+        from_base = np.zeros(len(masks), dtype=bool)
+        if base is not None:
+            parting = self._parting_layers(masks.rows, self._base.mask)
+            from_base = parting > starts
+            starts = np.maximum(starts, parting)
+        start = int(starts.min())
+        if start == 0:
+            return 0, None
+        unablated = self._unablated_states(requests, prefix, members)
+        if unablated is None:
+            return 0, None
+        return start, [base if b else unablated for b in from_base]
+
+    def _recording(self, requests: Requests, prefix: tuple[int, ...], members: list[int],
+                   masks: Masks) -> _Unablated | None:
+        """The states to fill while the base mask is scored alone (None when `masks` is not it, or its states
+        would take more than LAYER_REUSE_BYTES): every layer's inputs, those below where its rows start from
+        the states they start from."""
+        if (self._base is None or len(masks) != 1 or not self.shortcuts.layer_reuse
+                or not np.array_equal(masks.rows[0], self._base.mask)):
+            return None
+        tokens = len(prefix) + sum(len(requests.sequences[s].context) + len(requests.sequences[s].continuation) - 1
+                                   for s in members)
+        return _Unablated([], {}) if self._state_bytes(tokens) <= LAYER_REUSE_BYTES else None
+
+    @contextmanager
+    def based_on(self, mask: np.ndarray | None):
+        """Inside the block, the mask `mask` (bool [n_total]) is a base: when it is scored alone its hidden states
+        are recorded, and later rows that agree with it on the first layers start where they part from it
+        (exact: those layers compute what they compute under the base). Its states are dropped on exit."""
+        self._base = None if mask is None else _Base(np.asarray(mask, dtype=bool))
+        try:
+            yield
+        finally:
+            self._base = None
+
+    def start_layer(self, row: np.ndarray, base: np.ndarray | None = None) -> int:
+        """Where the rows of the mask `row` start: its first ablated layer, or where it parts from `base`."""
+        start = int(self._first_layers(row))
+        return start if base is None else max(start, int(self._parting_layers(row, base)))
+
+    def base_plan(self, rows: np.ndarray, per_pass: int) -> int | None:
+        """Which of the masks `rows` [n, n_total] to score first, alone, as the base (`based_on`): the one that
+        leaves the fewest layer passes in all, the others in chunks of `per_pass` that each start at their
+        earliest row's layer, when that saves at least a whole mask's layers; else None."""
+        n_layers = self.ablation.site.n_layers
+        if not self.shortcuts.layer_reuse or len(rows) < 2:
+            return None
+
+        def passes(starts):  # layer passes of masks run in chunks sorted by where they start
+            ordered = np.sort(starts)
+            return sum(len(ordered[i:i + per_pass]) * (n_layers - ordered[i])
+                       for i in range(0, len(ordered), per_pass))
+
+        first = self._first_layers(rows)
+        costs = [n_layers - first[j] + passes(np.delete(np.maximum(first, self._parting_layers(rows, row)), j))
+                 for j, row in enumerate(rows)]
+        best = int(np.argmin(costs))
+        return best if passes(first) - costs[best] >= n_layers else None
 
     def _score_packed(self, requests: Requests, pack, mask: torch.Tensor,
                       start: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -233,20 +331,24 @@ class Scorer(ModelRunner):
             self._unablated_packs[key] = record
         return self._unablated_packs[key]
 
-    def _run_prefix(self, prefix: tuple[int, ...], mask: torch.Tensor, start: int = 0,
-                    unablated: _Unablated | None = None):
-        """The prefix under every mask: its K/V per layer (from layer `start` on), or a KV cache where the
-        model cannot attend to a shared prefix without copies."""
+    def _run_prefix(self, prefix: tuple[int, ...], mask: torch.Tensor, start: int = 0, sources: list | None = None,
+                    record: _Unablated | None = None):
+        """The prefix under every mask: its K/V per layer (from layer `start` on, each mask's rows from its
+        `sources` states), or a KV cache where the model cannot attend to a shared prefix without copies.
+        `record` receives every layer's inputs (one mask)."""
         ids = torch.tensor([prefix], device=self.device).expand(mask.shape[0], -1)
         self.stats.tokens += self.layer_share(ids.numel(), start)
         if not self.shortcuts.shared_prefix:
             with self.applied(mask):
                 return returned_cache(self.lm.model(input_ids=ids, use_cache=True, logits_to_keep=1))
         kv: dict = {}
-        start_inputs = unablated.prefix[start].repeat(mask.shape[0], 1, 1) if start else None
-        with shortcut_forward(self.lm.model, start=start, start_inputs=start_inputs, capture=kv), \
-                self.applied(mask):
+        start_inputs = torch.cat([source.prefix[start] for source in sources]) if start else None
+        inputs = [] if record is not None else None
+        with shortcut_forward(self.lm.model, start=start, start_inputs=start_inputs, capture=kv,
+                              layer_inputs=inputs), self.applied(mask):
             self.lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        if record is not None:
+            record.prefix = sources[0].prefix[:start] + inputs[start:] if start else inputs
         return kv
 
     @torch.no_grad()
@@ -280,7 +382,7 @@ class Scorer(ModelRunner):
         return self._unablated[prefix]
 
     def _score_chunk(self, requests: Requests, chunk, prefix_len, prefix_cache, mask, start: int = 0,
-                     unablated: _Unablated | None = None):
+                     sources: list | None = None, record: _Unablated | None = None):
         seqs = [requests.sequences[s] for s in chunk]
         n_masks, n_seq = mask.shape[0], len(seqs)
         inputs = [seq.context + seq.continuation[:-1] for seq in seqs]
@@ -295,11 +397,18 @@ class Scorer(ModelRunner):
             positions = None
             if prefix_len:
                 positions = (torch.arange(width, device=self.device) + prefix_len)[None].expand(len(rows_ids), -1)
-            start_inputs = unablated.rows(chunk, width, start).repeat(n_masks, 1, 1) if start else None
+            start_inputs = torch.cat([source.rows(chunk, width, start) for source in sources]) if start else None
+            layer_inputs = [] if record is not None else None
             with shortcut_forward(self.lm.model, start=start, start_inputs=start_inputs, prefix=prefix_cache,
-                                 rows_per_prefix=n_seq), self.applied(row_mask), scored.applied(self.lm.model):
+                                 rows_per_prefix=n_seq, layer_inputs=layer_inputs), self.applied(row_mask), \
+                    scored.applied(self.lm.model):
                 logits = self.lm.model(input_ids=rows_ids, position_ids=positions, use_cache=False,
                                        logits_to_keep=0).logits
+            if record is not None:
+                stacked = torch.stack(layer_inputs[start:], dim=1)  # [rows, layers from start, width, hidden]
+                for r, s in enumerate(chunk):
+                    own = stacked[r, :, :len(inputs[r])]
+                    record.sequences[s] = torch.cat([sources[0].sequences[s][:start], own]) if start else own.clone()
             return scored.reduce(logits)
         kwargs = {}  # the copying way: the prefix cache repeated for every row
         if prefix_cache is not None:
