@@ -195,6 +195,21 @@ def test_a_greedy_round_s_masks_start_where_they_part_from_the_first_one_scored(
     assert based_tokens < plain.stats.tokens - before
 
 
+def test_a_base_mask_is_taken_for_a_few_layers_when_each_mask_has_its_own_pass_and_for_a_mask_s_worth_when_shared():
+    """Three layers; a set in layer 0 and two candidates in layer 2. With one candidate first the other skips
+    2 layers: worth it when every mask has a pass of its own (the base costs a copy of its states), not when
+    the two share one pass (4 layer passes instead of 6, less than a whole mask's 3 saved)."""
+    lm = wrap_model(build("llama"), byte_tokenizer())
+    scorer = Evaluator(lm, get_task("induction"), get_task("induction").items(2)).scorer
+    per_head = lm.layout.n_heads
+    rows = np.zeros((2, lm.layout.n_total), dtype=bool)
+    rows[:, 1] = True
+    rows[[0, 1], [2 * per_head + 1, 2 * per_head + 2]] = True
+    assert lm.layout.n_layers == 3
+    assert scorer.base_plan(rows, per_pass=1) in (0, 1)
+    assert scorer.base_plan(rows, per_pass=2) is None
+
+
 @pytest.mark.parametrize("window,softcap", [(None, None), (6, None), (3, 5.0)])
 def test_attention_over_a_shared_prefix_has_the_gradient_of_the_concatenation(window, softcap):
     """Under autograd (the gradient screen) the two-part attention is differentiated through the shared
