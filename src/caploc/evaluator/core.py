@@ -279,7 +279,7 @@ class Evaluator:
 
     def _base_mask(self, masks: Masks, groups: list[list[int]], per_pass: int) -> np.ndarray | None:
         """The mask to score first with its hidden states kept, so that the others start where they part from it
-        (`Scorer.based_on`); None where none saves a whole mask's worth of layers, or the chunks run elsewhere
+        (`Scorer.based_on`); None where none saves enough (`Scorer.base_plan`), or the chunks run elsewhere
         (another process's scorer would not have the states), or the items are packed (one prefix per item: their
         passes start at the first ablated layer of the chunk). Only up to MAX_PLANNED masks are compared."""
         if self.backend.size > 1 or self.requests.packed or not 1 < len(groups) <= MAX_PLANNED:

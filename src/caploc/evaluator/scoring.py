@@ -5,11 +5,10 @@ The few-shot prefix shared by a group of items is run once per mask, and every r
 K/V without a copy (`shortcuts`); rows whose masks leave the first layers alone start at the first ablated
 layer from the unablated hidden states, computed once per evaluator; and when an evaluation's masks share
 their first layers with one of them (a greedy round's candidates all hold the set chosen so far), that one runs
-first with its hidden states recorded, and the others start where they part from it (`based_on`). Suffixes
-are RIGHT padded and run
-without an attention mask: for a causal model the real tokens never see the pads, so every row is exact and
-its layout (positions, padding) is the same under every mask, baseline included (right padding is exact;
-left padding in bf16 moves a row's logits by as much as one head's effect).
+first with its hidden states recorded, and the others start where they part from it (`based_on`). Suffixes are
+RIGHT padded and run without an attention mask: for a causal model the real tokens never see the pads, so every
+row is exact and its layout (positions, padding) is the same under every mask, baseline included (right padding
+is exact; left padding in bf16 moves a row's logits by as much as one head's effect).
 """
 
 from __future__ import annotations
