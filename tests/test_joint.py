@@ -286,12 +286,15 @@ def test_the_layer_challenge_scores_a_cheaper_control_first_and_skips_targets_it
         objective = Objective(Evaluator(lm, task, task.items(24, seed=0)), "logprob",
                               [Evaluator(lm, task, task.items(8, seed=1))], penalty=10.0)
         target, control = objective.responses(objective.set_masks([decoy_set]))
+        asked, seen = objective.control_requested, len(objective._seen_control)
         kept = groups.challenge_layers(objective, decoy_set, float(target[0]), float(control[0]))
+        # each control mask asked for once: those scored first are not asked for again
+        assert objective.control_requested - asked == len(objective._seen_control) - seen
         return objective, kept
 
     skipping, (kept, _, _, record) = challenge()
     monkeypatch.setattr(groups, "_control_allows", lambda objective, masks, candidates, needed:
-                        np.ones(len(masks), dtype=bool))
+                        (np.ones(len(masks), dtype=bool), np.full(len(masks), np.nan)))
     scoring, (kept_all, _, _, record_all) = challenge()
     layer = REDUNDANT[0].layer
     assert np.isnan(record["layer_criterion"][layer])
@@ -310,5 +313,6 @@ def test_a_control_that_costs_more_than_the_target_is_not_scored_first(redundant
                           [Evaluator(lm, task, task.items(24, seed=1))], penalty=10.0)
     masks = objective.set_masks(groups.layer_groups(objective))
     before = objective.control_requested
-    assert groups._control_allows(objective, masks, np.ones(len(masks), dtype=bool), 0.0).all()
+    allowed, damage = groups._control_allows(objective, masks, np.ones(len(masks), dtype=bool), 0.0)
+    assert allowed.all() and np.isnan(damage).all()
     assert objective.control_requested == before

@@ -20,19 +20,22 @@ def _effects(objective: Objective, masks: Masks):
     return objective.specificity(target, control), target, control
 
 
-def bounded_effects(objective: Objective, masks: Masks, best: float = -np.inf, keep: int = 1):
+def bounded_effects(objective: Objective, masks: Masks, best: float = -np.inf, keep: int = 1,
+                    control: np.ndarray | None = None):
     """A greedy round keeps only the best mask by the criterion, and the criterion is at most what the target
     drop alone gives (`Objective.upper_bound`: the control only subtracts). So the controls are evaluated in
     order of that bound, a batch at a time (1, 2, then CONTROL_BATCH masks), until no remaining mask's bound
     reaches the best criterion found (or `best`, a criterion the caller already has and a mask must reach to
     matter; with `keep` > 1, the keep-th best): the round chooses what evaluating every control would choose
     (ties included), and masks left out keep a NaN control drop and criterion. A bootstrap replay skips masks
-    whose controls the run did not evaluate."""
+    whose controls the run did not evaluate. `control`: damages the caller already has (NaN where not), not
+    asked for again."""
     target = objective.drops(masks)
     if not objective.has_control:
         return target.copy(), target, None
     bound = objective.upper_bound(target)
-    scores, control = np.full(len(masks), np.nan), np.full(len(masks), np.nan)
+    scores = np.full(len(masks), np.nan)
+    control = np.full(len(masks), np.nan) if control is None else np.array(control, dtype=np.float64)
     known = objective.evaluated(masks, control=True)
     order = [int(j) for j in np.argsort(-bound, kind="stable") if known[j]]
     first, size = 0, 1
@@ -41,7 +44,9 @@ def bounded_effects(objective: Objective, masks: Masks, best: float = -np.inf, k
         first, size = first + size, min(2 * size, CONTROL_BATCH)
         if not batch:
             break
-        control[batch] = objective.control_drops(masks[batch])
+        missing = [j for j in batch if np.isnan(control[j])]
+        if missing:
+            control[missing] = objective.control_drops(masks[missing])
         scores[batch] = objective.specificity(target[batch], control[batch])
         found = np.sort(scores[~np.isnan(scores)])[::-1]
         if len(found) >= keep:
