@@ -8,6 +8,7 @@ import torch
 
 from caploc import wrap_model
 from caploc.evaluator import Evaluator, shortcuts
+from caploc.masks import Masks
 from caploc.sites import head_site
 from caploc.tasks import get_task
 from tiny import ARCHS, build, byte_tokenizer
@@ -206,8 +207,8 @@ def test_a_base_mask_is_taken_for_a_few_layers_when_each_mask_has_its_own_pass_a
     rows[:, 1] = True
     rows[[0, 1], [2 * per_head + 1, 2 * per_head + 2]] = True
     assert lm.layout.n_layers == 3
-    assert scorer.base_plan(rows, per_pass=1) in (0, 1)
-    assert scorer.base_plan(rows, per_pass=2) is None
+    assert scorer.base_plan(Masks(rows), per_pass=1) in (0, 1)
+    assert scorer.base_plan(Masks(rows), per_pass=2) is None
 
 
 @pytest.mark.parametrize("window,softcap", [(None, None), (6, None), (3, 5.0)])

@@ -87,7 +87,18 @@ class Masks:
 
         return torch.from_numpy(self.rows).to(device) if device is not None else torch.from_numpy(self.rows)
 
+    def first_layers(self, per_layer: int, n_layers: int) -> np.ndarray:
+        """Per mask, the first layer it touches; the last layer for one that touches none (rows still run one
+        layer)."""
+        touched = self.rows.reshape(len(self), n_layers, per_layer).any(-1)
+        return np.where(touched.any(-1), touched.argmax(-1), n_layers - 1)
+
+    def parting_layers(self, other: np.ndarray, per_layer: int, n_layers: int) -> np.ndarray:
+        """Per mask, the first layer where it differs from the mask `other` [n_components]; the last layer for
+        one equal to it."""
+        differs = (self.rows != other).reshape(len(self), n_layers, per_layer).any(-1)
+        return np.where(differs.any(-1), differs.argmax(-1), n_layers - 1)
+
     def first_layer(self, per_layer: int, n_layers: int) -> int:
         """The first layer any mask touches; the last layer when none does (rows still run one layer)."""
-        touched = np.flatnonzero(self.rows.any(axis=0))
-        return int(touched.min()) // per_layer if len(touched) else n_layers - 1
+        return int(self.first_layers(per_layer, n_layers).min()) if len(self) else n_layers - 1

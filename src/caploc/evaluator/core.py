@@ -251,17 +251,17 @@ class Evaluator:
         per_pass = runner.masks_per_pass(self.requests)
         if self.backend.size > 1:  # enough chunks to keep every worker busy
             per_pass = max(1, min(per_pass, -(-len(groups) // (2 * self.backend.size))))
-        base = None
+        n_groups, lead, base = len(groups), [], None
         if not self.requests.generation:
             base = self._base_mask(masks, groups, per_pass)
-            # chunks of masks that start at the same layer skip the most; the base runs first, alone
-            groups.sort(key=lambda rows: self.scorer.start_layer(masks.rows[rows[0]], base))
-        chunks = [groups[start:start + per_pass] for start in range(0, len(groups), per_pass)]
-        if base is not None:
-            first = next(i for i, rows in enumerate(groups) if np.array_equal(masks.rows[rows[0]], base))
-            others = groups[:first] + groups[first + 1:]
-            chunks = [[groups[first]]] + [others[start:start + per_pass] for start in range(0, len(others), per_pass)]
-        with tqdm(total=len(groups), desc=f"eval {self.task.name}", unit="mask", disable=not self.progress,
+            if base is not None:  # the base runs first, alone
+                lead = [[groups.pop(next(i for i, rows in enumerate(groups)
+                                         if np.array_equal(masks.rows[rows[0]], base)))]]
+            # chunks of masks that start at the same layer skip the most
+            starts = self.scorer.start_layers(masks[[rows[0] for rows in groups]], base)
+            groups = [groups[i] for i in np.argsort(starts, kind="stable")]
+        chunks = lead + [groups[start:start + per_pass] for start in range(0, len(groups), per_pass)]
+        with tqdm(total=n_groups, desc=f"eval {self.task.name}", unit="mask", disable=not self.progress,
                   leave=False) as bar:
             def done(chunk, chunk_scores, chunk_texts):
                 # each chunk reaches the store as it finishes: a killed run keeps every finished chunk
@@ -284,9 +284,9 @@ class Evaluator:
         passes start at the first ablated layer of the chunk). Only up to MAX_PLANNED masks are compared."""
         if self.backend.size > 1 or self.requests.packed or not 1 < len(groups) <= MAX_PLANNED:
             return None
-        rows = masks.rows[[g[0] for g in groups]]
-        best = self.scorer.base_plan(rows, per_pass)
-        return None if best is None else rows[best]
+        candidates = masks[[g[0] for g in groups]]
+        best = self.scorer.base_plan(candidates, per_pass)
+        return None if best is None else candidates.rows[best]
 
     def score(self, masks: Masks) -> tuple[dict[str, np.ndarray], list[list[str]] | None]:
         """The model's scores under `masks` (no cache): {metric: [n_masks, n_items]}, and generations."""

@@ -170,20 +170,11 @@ class Scorer(ModelRunner):
         return seq_logprob, seq_greedy
 
     # -- where rows start ----------------------------------------------------------------------------------
-    def _layer_rows(self, rows: np.ndarray) -> np.ndarray:
-        site = self.ablation.site
-        return rows.reshape(*rows.shape[:-1], site.n_layers, site.n_units)
+    def _first_layers(self, masks: Masks) -> np.ndarray:
+        return masks.first_layers(self.ablation.site.n_units, self.ablation.site.n_layers)
 
-    def _first_layers(self, rows: np.ndarray) -> np.ndarray:
-        """Per mask, its first ablated layer; the last layer for none (rows still run one layer)."""
-        touched = self._layer_rows(rows).any(-1)
-        return np.where(touched.any(-1), touched.argmax(-1), self.ablation.site.n_layers - 1)
-
-    def _parting_layers(self, rows: np.ndarray, other: np.ndarray) -> np.ndarray:
-        """Per mask, the first layer where it differs from the mask `other` (the last layer at most)."""
-        differs = (self._layer_rows(rows) != self._layer_rows(other)).any(-1)
-        last = self.ablation.site.n_layers - 1
-        return np.minimum(np.where(differs.any(-1), differs.argmax(-1), last), last)
+    def _parting_layers(self, masks: Masks, other: np.ndarray) -> np.ndarray:
+        return masks.parting_layers(other, self.ablation.site.n_units, self.ablation.site.n_layers)
 
     def _sources(self, requests: Requests, prefix: tuple[int, ...], members: list[int],
                  masks: Masks) -> tuple[int, list | None]:
@@ -192,11 +183,11 @@ class Scorer(ModelRunner):
         parts from the base mask later than that, the base's."""
         if not self.shortcuts.layer_reuse:
             return 0, None
-        starts = self._first_layers(masks.rows)
+        starts = self._first_layers(masks)
         base = self._base.states.get(prefix) if self._base is not None else None
         from_base = np.zeros(len(masks), dtype=bool)
         if base is not None:
-            parting = self._parting_layers(masks.rows, self._base.mask)
+            parting = self._parting_layers(masks, self._base.mask)
             from_base = parting > starts
             starts = np.maximum(starts, parting)
         start = int(starts.min())
@@ -215,9 +206,7 @@ class Scorer(ModelRunner):
         if (self._base is None or len(masks) != 1 or not self.shortcuts.layer_reuse
                 or not np.array_equal(masks.rows[0], self._base.mask)):
             return None
-        tokens = len(prefix) + sum(len(requests.sequences[s].context) + len(requests.sequences[s].continuation) - 1
-                                   for s in members)
-        return _Unablated([], {}) if self._state_bytes(tokens) <= LAYER_REUSE_BYTES else None
+        return _Unablated([], {}) if self._group_bytes(requests, prefix, members) <= LAYER_REUSE_BYTES else None
 
     @contextmanager
     def based_on(self, mask: np.ndarray | None):
@@ -230,18 +219,18 @@ class Scorer(ModelRunner):
         finally:
             self._base = None
 
-    def start_layer(self, row: np.ndarray, base: np.ndarray | None = None) -> int:
-        """Where the rows of the mask `row` start: its first ablated layer, or where it parts from `base`."""
-        start = int(self._first_layers(row))
-        return start if base is None else max(start, int(self._parting_layers(row, base)))
+    def start_layers(self, masks: Masks, base: np.ndarray | None = None) -> np.ndarray:
+        """Per mask, where its rows start: its first ablated layer, or where it parts from `base`."""
+        starts = self._first_layers(masks)
+        return starts if base is None else np.maximum(starts, self._parting_layers(masks, base))
 
-    def base_plan(self, rows: np.ndarray, per_pass: int) -> int | None:
-        """Which of the masks `rows` [n, n_total] to score first, alone, as the base (`based_on`): the one that
+    def base_plan(self, masks: Masks, per_pass: int) -> int | None:
+        """Which of `masks` to score first, alone, as the base (`based_on`): the one that
         leaves the fewest layer passes in all, the others in chunks of `per_pass` that each start at their
         earliest row's layer, when that saves at least BASE_MIN_LAYERS layer passes (a whole mask's layers where
         masks share passes: the base then takes a pass of its own); else None."""
         n_layers = self.ablation.site.n_layers
-        if not self.shortcuts.layer_reuse or len(rows) < 2:
+        if not self.shortcuts.layer_reuse or len(masks) < 2:
             return None
 
         def passes(starts):  # layer passes of masks run in chunks sorted by where they start
@@ -249,9 +238,9 @@ class Scorer(ModelRunner):
             return sum(len(ordered[i:i + per_pass]) * (n_layers - ordered[i])
                        for i in range(0, len(ordered), per_pass))
 
-        first = self._first_layers(rows)
-        costs = [n_layers - first[j] + passes(np.delete(np.maximum(first, self._parting_layers(rows, row)), j))
-                 for j, row in enumerate(rows)]
+        first = self._first_layers(masks)
+        costs = [n_layers - first[j] + passes(np.delete(self.start_layers(masks, row), j))
+                 for j, row in enumerate(masks.rows)]
         best = int(np.argmin(costs))
         return best if passes(first) - costs[best] >= (BASE_MIN_LAYERS if per_pass == 1 else n_layers) else None
 
@@ -314,6 +303,12 @@ class Scorer(ModelRunner):
         return (self.ablation.site.n_layers * getattr(self.lm.model.config, "hidden_size", 0)
                 * next(self.lm.model.parameters()).dtype.itemsize * tokens)
 
+    def _group_bytes(self, requests: Requests, prefix: tuple[int, ...], members: list[int]) -> int:
+        """What a prefix group's hidden states entering every layer take: its prefix and its rows' own tokens."""
+        seqs = requests.sequences
+        return self._state_bytes(len(prefix) + sum(len(seqs[s].context) + len(seqs[s].continuation) - 1
+                                                   for s in members))
+
     @torch.no_grad()
     def _unablated_pack(self, pack, layout: _PackLayout) -> _UnablatedPack | None:
         """The pack's unablated states (computed once per evaluator), or None when the packs' states together
@@ -363,7 +358,7 @@ class Scorer(ModelRunner):
             return self._unablated[prefix]
         model = self.lm.model
         inputs = {s: requests.sequences[s].context + requests.sequences[s].continuation[:-1] for s in members}
-        if self._state_bytes(len(prefix) + sum(len(x) for x in inputs.values())) > LAYER_REUSE_BYTES:
+        if self._group_bytes(requests, prefix, members) > LAYER_REUSE_BYTES:
             self._unablated[prefix] = None
             return None
         prefix_inputs, prefix_kv = None, None
