@@ -183,13 +183,10 @@ class Scorer(ModelRunner):
         parts from the base mask later than that, the base's."""
         if not self.shortcuts.layer_reuse:
             return 0, None
-        starts = self._first_layers(masks)
         base = self._base.states.get(prefix) if self._base is not None else None
-        from_base = np.zeros(len(masks), dtype=bool)
-        if base is not None:
-            parting = self._parting_layers(masks, self._base.mask)
-            from_base = parting > starts
-            starts = np.maximum(starts, parting)
+        first = self._first_layers(masks)
+        starts = first if base is None else self.start_layers(masks, self._base.mask)
+        from_base = starts > first
         start = int(starts.min())
         if start == 0:
             return 0, None
@@ -225,10 +222,10 @@ class Scorer(ModelRunner):
         return starts if base is None else np.maximum(starts, self._parting_layers(masks, base))
 
     def base_plan(self, masks: Masks, per_pass: int) -> int | None:
-        """Which of `masks` to score first, alone, as the base (`based_on`): the one that
-        leaves the fewest layer passes in all, the others in chunks of `per_pass` that each start at their
-        earliest row's layer, when that saves at least BASE_MIN_LAYERS layer passes (a whole mask's layers where
-        masks share passes: the base then takes a pass of its own); else None."""
+        """Which of `masks` to score first, alone, as the base (`based_on`): the one that leaves the fewest layer
+        passes in all, the others in chunks of `per_pass` that each start at their earliest row's layer, when
+        that saves at least BASE_MIN_LAYERS layer passes (a whole mask's layers where masks share passes: the
+        base then takes a pass of its own); else None."""
         n_layers = self.ablation.site.n_layers
         if not self.shortcuts.layer_reuse or len(masks) < 2:
             return None
