@@ -17,6 +17,10 @@
     non-embedding parameters (2 FLOPs per parameter per token).
 
 Usage: python bench/eval_throughput.py [--n 50] [--masks 64] [--seed-style-masks 3] [--dtype float32]
+       [--device cuda] [--random-weights]
+--random-weights builds the model from its config with seeded random weights (the tokenizer and shapes of the
+model, none of its weights), for a machine that has the config but not the weights: the rates of a
+teacher-forced pass do not depend on the weights' values. (b) needs the weights and is left out then.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import time
 import numpy as np
 import torch
 
-from caploc import load_model
+from caploc import load_model, wrap_model
+from caploc.models import resolve_device, resolve_dtype
 from caploc.evaluator import Evaluator
 from caploc.evaluator.batches import pad_batch
 from caploc.evaluator.runner import returned_cache
@@ -36,16 +41,25 @@ from caploc.sites import head_site
 from caploc.tasks import get_task
 
 
+def synchronize(device):
+    """Wait for an accelerator's queued work, so that a timer read after it counts that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def full_sequences(evaluator):
     return [list(s.prefix) + s.context + s.continuation[:-1] for s in evaluator.requests.sequences]
 
 
-def matmul_flops(dtype, size=1024, repeats=20):
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def matmul_flops(dtype, device, repeats=20):
+    size = 8192 if device.type == "cuda" else 1024  # large enough to run at the accelerator's rate
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
     a @ b
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    synchronize(device)
     return 2 * size ** 3 * repeats / (time.perf_counter() - start)
 
 
@@ -70,10 +84,12 @@ def generation_rates(lm, n_items, max_new_tokens):
     attn = torch.zeros_like(ids)
     for r, p in enumerate(prompts):
         ids[r, width - len(p):], attn[r, width - len(p):] = torch.tensor(p), 1
+    ids, attn = ids.to(lm.model.device), attn.to(lm.model.device)
     start = time.perf_counter()
     for _ in range(2):  # the same two passes' worth of rows
         lm.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
                           pad_token_id=tok.pad_token_id, stop_strings=list(task.stop), tokenizer=tok)
+    synchronize(lm.model.device)
     plain = 2 * len(items) / (time.perf_counter() - start)
     return ours, plain
 
@@ -84,9 +100,11 @@ def plain_forward_rate(model, sequences, rows_per_pass, passes, pad_id):
     tokens, start = 0, time.perf_counter()
     batch = (sequences * (rows_per_pass // len(sequences) + 1))[:rows_per_pass]
     ids, _ = pad_batch(batch, pad_id)
+    ids = ids.to(model.device)
     for _ in range(passes):
         model(input_ids=ids, logits_to_keep=4)
         tokens += sum(len(s) for s in batch)
+    synchronize(model.device)
     return tokens / (time.perf_counter() - start)
 
 
@@ -99,18 +117,21 @@ def plain_rows_rate(lm, evaluator, rows_per_pass, passes):
     prefix = seqs[0].prefix
     batch = (seqs * (rows_per_pass // len(seqs) + 1))[:rows_per_pass]
     inputs = [s.context + s.continuation[:-1] for s in batch]
+    device = lm.model.device
     ids, _ = pad_batch(inputs, lm.tokenizer.pad_token_id)
+    ids = ids.to(device)
     width = ids.shape[1]
-    keep = torch.arange(min(len(s.context) for s in batch) - 1, width)
-    positions = (torch.arange(width) + len(prefix))[None].expand(len(batch), -1)
+    keep = torch.arange(min(len(s.context) for s in batch) - 1, width, device=device)
+    positions = (torch.arange(width, device=device) + len(prefix))[None].expand(len(batch), -1)
     tokens, start = 0, time.perf_counter()
     for _ in range(passes):
-        cache = returned_cache(lm.model(input_ids=torch.tensor([list(prefix)]), use_cache=True,
+        cache = returned_cache(lm.model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True,
                                          logits_to_keep=1))
         cache.batch_repeat_interleave(len(batch))
         lm.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=keep,
                  **{evaluator.scorer.cache_name: cache})  # the argument's name in this transformers
         tokens += len(prefix) + sum(map(len, inputs))
+    synchronize(device)
     return tokens / (time.perf_counter() - start)
 
 
@@ -124,12 +145,12 @@ def masks_per_second(lm, task, items, masks) -> float:
     return len(masks) / (time.perf_counter() - start)
 
 
-def seed_style_seconds_per_mask(spec, dtype, task, items, heads_per_mask, masks):
+def seed_style_seconds_per_mask(spec, dtype, device, task, items, heads_per_mask, masks):
     """The reference implementation's loop: reload, ablate by weights, one item at a time, batch size 1."""
     times = []
     for m in range(masks):
         start = time.perf_counter()
-        lm = load_model(spec, dtype=dtype)
+        lm = load_model(spec, dtype=dtype, device=device)
         rng = np.random.default_rng(m)
         heads = [lm.layout.head(int(i)) for i in rng.choice(lm.layout.n_total, heads_per_mask, replace=False)]
         head_site(lm.model).zero_columns(heads)
@@ -138,8 +159,8 @@ def seed_style_seconds_per_mask(spec, dtype, task, items, heads_per_mask, masks)
             for item in items:
                 prompt = tok(item.prefix + item.context)["input_ids"]
                 full = tok(item.prefix + item.context + item.target)["input_ids"]
-                logits = lm.model(torch.tensor([full])).logits[0, len(prompt) - 1:-1]
-                _ = (logits.argmax(-1) == torch.tensor(full[len(prompt):])).all()
+                logits = lm.model(torch.tensor([full], device=lm.model.device)).logits[0, len(prompt) - 1:-1]
+                _ = bool((logits.argmax(-1).cpu() == torch.tensor(full[len(prompt):])).all())
         times.append(time.perf_counter() - start)
     return float(np.mean(times))
 
@@ -152,6 +173,9 @@ def main():
     parser.add_argument("--heads-per-mask", type=int, default=5)
     parser.add_argument("--seed-style-masks", type=int, default=3)
     parser.add_argument("--dtype", default="auto")  # caploc's default: bf16 where the CPU runs it natively
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--random-weights", action="store_true", help="the model's config and tokenizer (a "
+                        "local model directory) with seeded random weights: see the module's docstring")
     parser.add_argument("--sweep-masks", type=int, default=60, help="single-head masks timed (of 270), spread "
                         "evenly over the layers")
     parser.add_argument("--gen-items", type=int, default=6)
@@ -159,7 +183,17 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    lm = load_model(args.model, dtype=args.dtype)
+    if args.random_weights:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        device = resolve_device(args.device)
+        config = AutoConfig.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(args.dtype, device))
+        lm = wrap_model(model.to(device), AutoTokenizer.from_pretrained(args.model), spec=args.model)
+        args.seed_style_masks = 0
+    else:
+        lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    device = lm.model.device
     task = get_task("arithmetic", subtask="2D+", shots=3)
     items = task.items(args.n, seed=0)
     evaluator = Evaluator(lm, task, items)
@@ -191,13 +225,15 @@ def main():
     copying_cs_rate = masks_per_second(lm, task, items, masks[1:])
     set_shortcuts(lm, support)
     gen_ours, gen_plain = generation_rates(lm, args.gen_items, args.gen_tokens)
-    flops = matmul_flops(lm.dtype)
+    flops = matmul_flops(lm.dtype, device)
     params = sum(p.numel() for n, p in lm.model.named_parameters() if "embed" not in n and "lm_head" not in n)
     roofline = flops / (2 * params)
-    seed_per_mask = seed_style_seconds_per_mask(args.model, args.dtype, task, items, args.heads_per_mask,
-                                                args.seed_style_masks)
+    seed_per_mask = seed_style_seconds_per_mask(args.model, args.dtype, args.device, task, items,
+                                                args.heads_per_mask, args.seed_style_masks) \
+        if args.seed_style_masks else None
 
-    print(f"model {args.model} ({args.dtype}), task arithmetic 2D+ 3-shot, {args.n} items, "
+    weights = ", random weights" if args.random_weights else ""
+    print(f"model {args.model} ({args.dtype}{weights}, {device}), task arithmetic 2D+ 3-shot, {args.n} items, "
           f"{args.masks} masks of {args.heads_per_mask} heads, torch threads {torch.get_num_threads()}")
     print(f"plain HF forward:          {plain_rate:10.0f} tokens/s")
     print(f"masked evaluator:          {eval_rate:10.0f} logical tokens/s "
@@ -206,10 +242,11 @@ def main():
     print(f"    same, computed tokens only:                   {compute_rate / plain_rate:6.2f}x")
     print(f"    computed tokens vs a plain HF forward over the same rows (prefix once, HF's KV cache): "
           f"{compute_rate / rows_rate:.2f}x ({rows_rate:.0f} tokens/s)")
-    print(f"evaluator: {evaluator_per_mask:.2f} s per mask; seed-code style: {seed_per_mask:.2f} s per mask "
-          f"(timed on {args.seed_style_masks} masks)")
-    print(f"(b) {args.masks} masks, evaluator vs seed-code style: {seed_per_mask / evaluator_per_mask:6.1f}x  "
-          f"(goal >= 20x)")
+    if seed_per_mask is not None:
+        print(f"evaluator: {evaluator_per_mask:.2f} s per mask; seed-code style: {seed_per_mask:.2f} s per mask "
+              f"(timed on {args.seed_style_masks} masks)")
+        print(f"(b) {args.masks} masks, evaluator vs seed-code style: {seed_per_mask / evaluator_per_mask:6.1f}x  "
+              f"(goal >= 20x)")
     print(f"(c) masks/s: CS batch ({args.heads_per_mask}-head masks) {1 / evaluator_per_mask:.2f} "
           f"(copying way {copying_cs_rate:.2f}: {1 / evaluator_per_mask / copying_cs_rate:.2f}x), single-head sweep "
           f"{sweep_rate:.2f} (copying way {copying_sweep_rate:.2f}: {sweep_rate / copying_sweep_rate:.2f}x; "

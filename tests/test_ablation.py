@@ -10,14 +10,14 @@ from caploc.ablation import component_ablation
 from caploc.masks import Masks
 from caploc.components import Head
 from caploc.sites import head_site
-from tiny import ARCHS, build
+from tiny import ARCHS, DEVICE, build
 
 TOL = 1e-5
 
 
 def _ids(batch=3, seq=12, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (batch, seq), generator=g)
+    return torch.randint(0, 256, (batch, seq), generator=g).to(DEVICE)
 
 
 def _zeroed_copy(model, heads):

@@ -25,7 +25,7 @@ def _reference_scores(model, tok, item, heads, layout):
     full = tok(item.prefix + item.context + item.target)["input_ids"]
     target = full[len(prompt):]
     with torch.no_grad():
-        logits = edited(torch.tensor([full])).logits[0, len(prompt) - 1:-1]
+        logits = edited(torch.tensor([full], device=edited.device)).logits[0, len(prompt) - 1:-1].cpu()
     logprob = torch.log_softmax(logits, -1).gather(-1, torch.tensor(target)[:, None]).sum().item()
     greedy = bool((logits.argmax(-1) == torch.tensor(target)).all())
     return logprob, greedy
@@ -84,7 +84,7 @@ def test_multiple_choice_acc_and_acc_norm():
             prompt = tok(item.context)["input_ids"]
             full = tok(item.context + choice)["input_ids"]
             with torch.no_grad():
-                logits = model(torch.tensor([full])).logits[0, len(prompt) - 1:-1]
+                logits = model(torch.tensor([full], device=model.device)).logits[0, len(prompt) - 1:-1].cpu()
             lps.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(full[len(prompt):])[:, None]).sum().item())
         lps = np.array(lps)
         assert result.scores["acc"][0, i] == float(lps.argmax() == item.label)
@@ -116,7 +116,7 @@ def _generate_reference(lm, items, heads, max_new_tokens):
     tok = lm.tokenizer
     texts = [[], []]
     for item in items:
-        ids = torch.tensor([tok(item.prefix + item.context)["input_ids"]])
+        ids = torch.tensor([tok(item.prefix + item.context)["input_ids"]], device=edited.device)
         for m, model in enumerate((lm.model, edited)):
             out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
             texts[m].append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
@@ -216,7 +216,7 @@ def test_packed_multiple_choice_prefixes_match_plain_forward(name, later_layers)
             prompt = tok(item.context)["input_ids"]
             full = tok(item.context + item.choices[item.label])["input_ids"]
             with torch.no_grad():
-                logits = edited(torch.tensor([full])).logits[0, len(prompt) - 1:-1]
+                logits = edited(torch.tensor([full], device=edited.device)).logits[0, len(prompt) - 1:-1].cpu()
             expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(full[len(prompt):])[:, None]).sum().item()
             assert result.scores["logprob"][m, i] == pytest.approx(expected, abs=1e-4), (m, i)
 

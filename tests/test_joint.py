@@ -8,7 +8,7 @@ from caploc import Criterion, EvalOptions, LocateOptions, TaskSpec, locate
 from caploc.evaluator import Evaluator
 from caploc.methods import AttributionPatching, Greedy, JointSearch, Objective, make_method
 from caploc.methods.joint import project_capped_simplex
-from tiny import DECOY, PLANTED, REDUNDANT
+from tiny import DECOY, DEVICE, PLANTED, REDUNDANT
 
 
 def _objective(redundant, controls=()):
@@ -177,7 +177,9 @@ def test_the_first_look_rules_out_only_layers_that_cannot_beat_the_set(redundant
     run = make_method("refine").run(looked, 2)
     challenge = run.details["layer_challenge"]
     first = challenge["first_look"]
-    assert first["items"] == 8 and first["ruled_out"] and REDUNDANT[0].layer not in first["ruled_out"]
+    assert first["items"] == 8 and REDUNDANT[0].layer not in first["ruled_out"]
+    # layers 0 and 3 change nothing: exactly 0 on the CPU; on a GPU, batch-shape rounding (1e-7) can keep them in
+    assert first["ruled_out"] == [0, 3] or DEVICE.type != "cpu" and max(map(abs, first["estimate"][::3])) < 1e-5
     assert all(np.isnan(challenge["layer_criterion"][layer]) for layer in first["ruled_out"])
     assert looked.first_look_tokens > 0
     monkeypatch.setattr(groups, "FIRST_LOOK_ITEMS", 13)

@@ -15,7 +15,7 @@ from caploc.arch import neuron_layout
 from caploc.components import Neuron
 from caploc.sites import neuron_site
 from caploc.store import EvalStore
-from tiny import ARCHS, PlantedTask, build, byte_tokenizer
+from tiny import ARCHS, DEVICE, PlantedTask, build, byte_tokenizer
 
 PLANTED_NEURONS = [Neuron(1, 7), Neuron(2, 40), Neuron(3, 90)]
 
@@ -25,7 +25,7 @@ def test_neuron_ablation_equals_zeroing_down_projection_columns(name):
     model = build(name)
     layout = neuron_layout(model)
     chosen = [Neuron(0, 3), Neuron(1, 50), Neuron(2, layout.n_units - 1)]
-    ids = torch.randint(0, 256, (1, 12))
+    ids = torch.randint(0, 256, (1, 12)).to(model.device)
     edited = copy.deepcopy(model)
     neuron_site(edited).zero_columns(chosen)
     mask = torch.zeros(2, layout.n_total, dtype=torch.bool)
@@ -35,7 +35,10 @@ def test_neuron_ablation_equals_zeroing_down_projection_columns(name):
         with component_ablation(model, "neurons").applied(mask):
             hooked = model(ids.expand(2, -1)).logits
     assert (hooked[0] - reference[0]).abs().max().item() <= 1e-5
-    assert torch.equal(hooked[1], plain[0])  # the other row is untouched
+    if DEVICE.type == "cpu":
+        assert torch.equal(hooked[1], plain[0])  # the other row is untouched
+    else:  # a GPU's matrix products pick kernels by batch shape: rows of a batch of 2 and of 1 agree to rounding
+        assert (hooked[1] - plain[0]).abs().max().item() <= 1e-5
     assert (plain - reference).abs().max().item() > 1e-4
 
 

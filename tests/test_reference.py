@@ -28,7 +28,7 @@ def _plain_reference_logprob(lm, item, reference):
     full = tok(item.prefix + item.context + reference)["input_ids"]
     assert full[:len(prompt)] == prompt  # the byte tokenizer never merges across the boundary
     with torch.no_grad():
-        logits = lm.model(torch.tensor([full])).logits[0].double()
+        logits = lm.model(torch.tensor([full], device=lm.model.device)).logits[0].double().cpu()
     targets = torch.tensor(full[len(prompt):])
     lp = torch.log_softmax(logits[len(prompt) - 1:-1], -1).gather(-1, targets[:, None]).squeeze(-1)
     return float(lp.mean())

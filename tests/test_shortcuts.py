@@ -122,8 +122,9 @@ def _weight_zeroed_logprobs(lm, evaluator, heads):
     for seq in evaluator.requests.sequences:
         full = list(seq.prefix) + seq.context + seq.continuation
         with torch.no_grad():
-            logits = edited(torch.tensor([full])).logits[0, len(full) - len(seq.continuation) - 1:-1]
-        out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq.continuation)[:, None]).sum().item())
+            logits = edited(torch.tensor([full], device=edited.device)).logits[0].cpu()
+        logprobs = torch.log_softmax(logits[len(full) - len(seq.continuation) - 1:-1], -1)
+        out.append(logprobs.gather(-1, torch.tensor(seq.continuation)[:, None]).sum().item())
     return np.array(out)
 
 
@@ -152,6 +153,21 @@ def test_rows_that_start_at_their_first_ablated_layer_equal_weight_zeroing(name,
     before = late.stats.tokens
     late.evaluate([[lm.layout.n_total - 2]])  # the last layer only
     assert 0 < late.stats.tokens - before <= full.stats.tokens // lm.layout.n_layers + 1
+
+
+def test_a_softcapped_model_that_transformers_ran_through_sdpa_runs_the_capped_eager_attention():
+    """Gemma 2 caps its attention scores. transformers before about 5.2 ran it through `sdpa`, which drops the
+    cap (5.17 on a GPU machine: scores 3e-5 off caploc's attention, which keeps it); newer versions refuse.
+    Wrapped, the model runs eager, and the evaluator's own attention equals weight zeroing."""
+    model = build("gemma2")
+    model.config._attn_implementation = "sdpa"  # what the older versions chose for it
+    lm = wrap_model(model, byte_tokenizer())
+    assert model.config._attn_implementation == "eager"
+    task = get_task("arithmetic", subtask="2D+", shots=2)
+    evaluator = Evaluator(lm, task, task.items(3, seed=1))
+    heads = [lm.layout.n_heads + 1]
+    expected = _weight_zeroed_logprobs(lm, evaluator, heads)
+    np.testing.assert_allclose(evaluator.evaluate([heads]).scores["logprob"][0], expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ARCHS)

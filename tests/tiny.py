@@ -3,6 +3,8 @@ and a byte-level tokenizer, so unit tests need no downloaded weights."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import transformers as tf
@@ -11,6 +13,9 @@ from caploc import arch
 from caploc.components import Head
 from caploc.sites import head_site
 from caploc.tasks.base import Item, TargetTask
+
+# CAPLOC_TEST_DEVICE=cuda puts every tiny model on that device (bench/device_check.sh); the default is the CPU
+DEVICE = torch.device(os.environ.get("CAPLOC_TEST_DEVICE", "cpu"))
 
 VOCAB = 260  # 256 bytes + 4 specials
 
@@ -41,7 +46,7 @@ def build(arch: str, seed: int = 0):
     torch.manual_seed(seed)
     config = configs()[arch]
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.eval()
+    return model.to(DEVICE).eval()
 
 
 def byte_tokenizer():
@@ -84,7 +89,7 @@ def planted_model():
     with torch.no_grad():
         for h in PLANTED:
             arch.attn_out_projs(model)[h.layer].weight[:, h.head * 8:(h.head + 1) * 8] *= 4
-    return model
+    return model.to(DEVICE)
 
 
 class PlantedTask(TargetTask):
@@ -101,7 +106,8 @@ class PlantedTask(TargetTask):
         for i in range(64):
             context = "".join(rng.choice(list(LETTERS), 6)) + " ="
             with torch.no_grad():
-                logits = model(torch.tensor([tokenizer(context)["input_ids"]])).logits[0, -1, letter_ids]
+                ids = torch.tensor([tokenizer(context)["input_ids"]], device=model.device)
+                logits = model(ids).logits[0, -1, letter_ids]
             self.records.append(Item(id=str(i), context=context, target=LETTERS[int(logits.argmax())]))
 
     def pool(self, seed, needed):
@@ -135,4 +141,4 @@ def redundant_model():
         attention.o_proj.weight[:, a.head * 8:(a.head + 1) * 8] *= 32
         attention.o_proj.weight[:, b.head * 8:(b.head + 1) * 8] = attention.o_proj.weight[:, a.head * 8:(a.head + 1) * 8]
         arch.attn_out_projs(model)[DECOY.layer].weight[:, DECOY.head * 8:(DECOY.head + 1) * 8] *= 2
-    return model
+    return model.to(DEVICE)

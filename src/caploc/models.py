@@ -208,6 +208,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype="auto", device: str | None = "au
         model, tokenizer = _load_from_hub(spec, torch_dtype, place)
         source, fp = spec, None
     layout = arch.head_layout(model)  # raises for unsupported architectures
+    _keep_softcapped_attention(model)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -254,9 +255,20 @@ def _looks_like_hub_id(spec: str) -> bool:
     return bool(spec) and all(c.isalnum() or c in "-_." for c in spec) and not spec.startswith(".")
 
 
+def _keep_softcapped_attention(model: nn.Module) -> None:
+    """Gemma 2 caps its attention scores (tanh, `attn_logit_softcapping`). transformers before about 5.2 runs it
+    through `sdpa` by default, which drops the cap without a word (5.17 on a GPU machine: scores 3e-5 off
+    weight zeroing through caploc's own attention, which keeps the cap); later versions refuse `sdpa` there.
+    Such a model runs the eager attention, which computes what the architecture defines."""
+    config = model.config
+    if getattr(config, "attn_logit_softcapping", None) and config._attn_implementation == "sdpa":
+        model.set_attn_implementation("eager")
+
+
 def wrap_model(model: nn.Module, tokenizer, spec: str = "in-memory") -> LoadedModel:
     """Use a model already in memory (tests, notebooks) with caploc."""
     layout = arch.head_layout(model)
+    _keep_softcapped_attention(model)
     model.eval()
     if tokenizer is not None and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
