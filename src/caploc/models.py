@@ -266,7 +266,8 @@ def _keep_softcapped_attention(model: nn.Module) -> None:
 
 
 def wrap_model(model: nn.Module, tokenizer, spec: str = "in-memory") -> LoadedModel:
-    """Use a model already in memory (tests, notebooks) with caploc."""
+    """Use a model already in memory (tests, notebooks) with caploc. A Gemma 2 model running `sdpa` is switched
+    to eager attention (`_keep_softcapped_attention`)."""
     layout = arch.head_layout(model)
     _keep_softcapped_attention(model)
     model.eval()
