@@ -20,7 +20,8 @@ Usage: python bench/eval_throughput.py [--n 50] [--masks 64] [--seed-style-masks
        [--device cuda] [--random-weights]
 --random-weights builds the model from its config with seeded random weights (the tokenizer and shapes of the
 model, none of its weights), for a machine that has the config but not the weights: the rates of a
-teacher-forced pass do not depend on the weights' values. (b) needs the weights and is left out then.
+teacher-forced pass do not depend on the weights' values ((d) then generates random text, mostly to its limit).
+(b) needs the weights and is left out then.
 """
 
 from __future__ import annotations
