@@ -207,11 +207,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype="auto", device: str | None = "au
             )
         model, tokenizer = _load_from_hub(spec, torch_dtype, place)
         source, fp = spec, None
-    layout = arch.head_layout(model)  # raises for unsupported architectures
-    _keep_softcapped_attention(model)
-    model.eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    layout = _prepared(model, tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, spec=spec, source=source,
                        fingerprint=f"{fp or _weights_fingerprint(model)}-{str(torch_dtype)[6:]}",
                        dtype=torch_dtype)
@@ -265,14 +261,21 @@ def _keep_softcapped_attention(model: nn.Module) -> None:
         model.set_attn_implementation("eager")
 
 
-def wrap_model(model: nn.Module, tokenizer, spec: str = "in-memory") -> LoadedModel:
-    """Use a model already in memory (tests, notebooks) with caploc. A Gemma 2 model running `sdpa` is switched
-    to eager attention (`_keep_softcapped_attention`)."""
+def _prepared(model: nn.Module, tokenizer) -> HeadLayout:
+    """What every model caploc is handed (loaded or wrapped) needs: its head layout (raises for unsupported
+    architectures), the attention its architecture defines, eval mode and a pad token."""
     layout = arch.head_layout(model)
     _keep_softcapped_attention(model)
     model.eval()
     if tokenizer is not None and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return layout
+
+
+def wrap_model(model: nn.Module, tokenizer, spec: str = "in-memory") -> LoadedModel:
+    """Use a model already in memory (tests, notebooks) with caploc. A Gemma 2 model running `sdpa` is switched
+    to eager attention (`_keep_softcapped_attention`)."""
+    layout = _prepared(model, tokenizer)
     dtype = next(model.parameters()).dtype
     return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, spec=spec, source=spec,
                        fingerprint=f"{_weights_fingerprint(model)}-{str(dtype)[6:]}", dtype=dtype)

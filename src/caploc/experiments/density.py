@@ -142,8 +142,8 @@ def wanda_per_head(lm: LoadedModel, outputs: torch.Tensor) -> np.ndarray:
     """sum_{i, j in head} |W_ij| * ||X_j||_2 with X the output projection's input over the stream."""
     site = head_site(lm.model)
     norms = outputs.norm(dim=0).view(site.n_layers, site.n_units, site.unit_dim)  # [layers, heads, d]
-    col_abs = torch.stack([site.columns(layer).detach().float().abs().sum(0).cpu() for layer in range(site.n_layers)])
-    return (col_abs * norms.cpu()).sum(-1).reshape(-1).numpy()
+    col_abs = torch.stack([site.columns(layer).detach().float().abs().sum(0) for layer in range(site.n_layers)])
+    return (col_abs.cpu() * norms.cpu()).sum(-1).reshape(-1).numpy()  # the weights may sit on an accelerator
 
 
 def _spearman(a, b) -> float:
