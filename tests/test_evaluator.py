@@ -105,7 +105,7 @@ def test_generation_task_matches_weight_zeroed_generate():
     for m in range(2):
         for i in range(len(items)):
             assert result.texts[m][i] == task.cut_at_stop(reference[m][i])
-    assert set(result.scores) == {"acc"}
+    assert set(result.scores) == {"acc", "acc_strict"}  # lm-eval's flexible-extract and strict-match
 
 
 def _generate_reference(lm, items, heads, max_new_tokens):

@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from caploc import CaplocError
@@ -64,6 +65,44 @@ def test_gsm8k_answer_extraction():
     assert last_number("-5 degrees") == "-5"
     assert last_number("no digits") is None
     assert last_number("0.5 then 2.25") == "2.25"
+
+
+def test_gsm8k_scores_flexible_and_strict_as_lm_eval_does():
+    # acc: the output's last number (lm-eval's flexible-extract); acc_strict: the number after its first
+    # "#### " (strict-match). A model that answers and then writes on is right by one and wrong by the other.
+    task = get_task("gsm8k", data=str(FIXTURES / "gsm8k_mini.jsonl"), shots=0)
+    item = task.items(1)[0]
+    answer = item.answer
+    outputs = [f" So it is 3 + 4 = {answer}.\n#### {answer}",  # both
+               f" 3 + 4 = {answer}.\n#### {answer}\nHuman: and twice that? It is 99",  # strict only
+               f" it is {answer}",  # flexible only: no "#### "
+               f" #### 9{answer}\nno, #### {answer}",  # the first "#### " counts
+               f" #### {int(answer):,}.\n\nQuestion: what next? 12"]  # cut at the stop: both
+    scores = task.process_generations([item], [[o] for o in outputs])
+    assert scores["acc"][:, 0].tolist() == [1, 0, 1, 1, 1]
+    assert scores["acc_strict"][:, 0].tolist() == [1, 1, 0, 0, 1]
+    assert task.metric_names() == ("acc", "acc_strict") and task.identification_metric == "ref_logprob"
+
+
+def test_gsm8k_generations_stored_before_acc_strict_are_scored_from_their_texts(tmp_path):
+    from caploc import wrap_model
+    from caploc.evaluator import Evaluator
+    from caploc.store import EvalStore
+    from tiny import build, byte_tokenizer
+
+    lm = wrap_model(build("llama"), byte_tokenizer(), spec="tiny-llama")
+    task = get_task("gsm8k", data=str(FIXTURES / "gsm8k_mini.jsonl"), shots=0)
+    items, store = task.items(3), EvalStore(tmp_path / "s.sqlite")
+    first = Evaluator(lm, task, items, max_new_tokens=8, store=store).evaluate([[], [1]])
+    evaluator = Evaluator(lm, task, items, max_new_tokens=8, store=store)
+    for mask in first.masks.keys():  # as an earlier version stored them: acc only
+        record = store.get(evaluator.cache.key, mask)
+        store.put(evaluator.cache.key, mask, 0, {**record, "scores": {"acc": record["scores"]["acc"]}})
+    again = evaluator.evaluate([[], [1]])
+    assert evaluator.stats.evaluations == 0 and evaluator.stats.reused == 2  # no generation
+    assert again.texts == first.texts
+    for metric in ("acc", "acc_strict"):
+        np.testing.assert_array_equal(again.scores[metric], first.scores[metric])
 
 
 def test_gsm8k_from_native_jsonl_with_held_out_exemplars():

@@ -94,7 +94,11 @@ class Evaluator:
             key |= {"components": components, "scale": self.scale}
         if self.requests.packed:  # left-padded packs: in bf16 a row's scores depend on its pack's layout
             key |= {"packs": "by length"}
-        self.cache = ScoreCache(key, self.metric_names(), store, self.stats)
+        self.cache = ScoreCache(key, self.metric_names(), store, self.stats,
+                                self._score_texts if self.requests.generation else None)
+
+    def _score_texts(self, texts: list[str]) -> dict[str, list[float]]:
+        return {m: v[0].tolist() for m, v in self.task.process_generations(self.items, [texts]).items()}
 
     def subset(self, n: int) -> "Evaluator":
         """The same evaluation on the first `n` items only (its own store entries; the counters are this

@@ -1,18 +1,24 @@
 """GSM8K (Cobbe et al. 2021) in its own schema: {"question": ..., "answer": "... #### 42"}.
 
 Few-shot `Question: ...\\nAnswer: <reference solution>` exemplars, greedy generation stopped at
-`Question:`, scored by the last number of the output against the number after `####`.
+`Question:`, scored as lm-evaluation-harness scores it: `acc` by the last number of the output (its
+flexible-extract) and `acc_strict` by the number after the output's first `#### ` (its strict-match), each
+against the number after the reference's `####`. The two part where the model writes an answer and goes on
+(a new question, a new turn) instead of stopping.
 """
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
+
 from caploc.records import load_records, require_fields, split_exemplars
 from caploc.errors import CaplocError, ParameterError
 from caploc.tasks.base import GenerationTask, Item, register_task
 
 _NUMBER = re.compile(r"-?[\d,\$]*\d(?:\.\d+)?")
+_STRICT = re.compile(r"#### (-?[0-9.,]+)")  # lm-eval gsm8k's strict-match, its first match
 
 
 def normalize_number(text: str) -> str | None:
@@ -49,7 +55,7 @@ class GSM8K(GenerationTask):
     """GSM8K (Cobbe et al. 2021): grade-school math word problems, few-shot chain of thought; the `#### N` answer."""
 
     name = "gsm8k"
-    metrics = ("acc",)
+    metrics = ("acc", "acc_strict")
     stop = ("Question:", "\n\n\n")
     max_new_tokens = 256
     has_references = True  # the reference solution, through `#### N`
@@ -78,6 +84,17 @@ class GSM8K(GenerationTask):
                               meta={"reference": " " + r["answer"].strip()}))
         return items
 
+    def metric_names(self) -> tuple[str, ...]:
+        return self.metrics
+
     def score(self, item: Item, generated: str) -> float:
         return float(last_number(self.cut_at_stop(generated)) == item.answer)
+
+    def score_strict(self, item: Item, generated: str) -> float:
+        found = _STRICT.search(self.cut_at_stop(generated))
+        return float(found is not None and normalize_number(found.group(1)) == item.answer)
+
+    def process_generations(self, items: list[Item], texts: list[list[str]]) -> dict[str, np.ndarray]:
+        strict = [[self.score_strict(item, t) for item, t in zip(items, row)] for row in texts]
+        return super().process_generations(items, texts) | {"acc_strict": np.array(strict, dtype=np.float64)}
 
