@@ -109,4 +109,15 @@ def test_locate_with_two_workers_gives_the_same_heads(distributed, tmp_path):
 
     single, sharded = run(), run("--workers", "2")
     assert sharded["ranking"][:2] == single["ranking"][:2]
-    assert sharded["validation"] == single["validation"]
+    # the same numbers up to fp32 rounding: the workers' chunks batch the masks differently, and on some CPUs
+    # (an Intel Xeon with AMX here) a row's scores then differ in the 7th digit
+    assert _numbers(sharded["validation"]) == pytest.approx(_numbers(single["validation"]), rel=1e-5, abs=1e-6)
+
+
+def _numbers(tree, path="") -> dict:
+    """A nested result as {path: number}, so that its structure must match exactly and its numbers closely."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _numbers(value, f"{path}/{key}").items()}
+    if isinstance(tree, list):
+        return {k: v for i, value in enumerate(tree) for k, v in _numbers(value, f"{path}/{i}").items()}
+    return {path: tree}
