@@ -97,4 +97,3 @@ class GSM8K(GenerationTask):
     def process_generations(self, items: list[Item], texts: list[list[str]]) -> dict[str, np.ndarray]:
         strict = [[self.score_strict(item, t) for item, t in zip(items, row)] for row in texts]
         return super().process_generations(items, texts) | {"acc_strict": np.array(strict, dtype=np.float64)}
-
