@@ -24,9 +24,8 @@ import numpy as np
 from caploc import load_model
 from caploc.evaluator import Evaluator
 from caploc.stats import paired_drop
-from caploc.tasks import get_task
 
-from paper_table import task_spec  # bench/ is on the path when run as a script
+from paper_table import build_task  # bench/ is on the path when run as a script
 
 AFTER_ANSWER = re.compile(r"#### [^\n]*\n\s*\S")  # text after the line of the final answer
 
@@ -43,8 +42,7 @@ def main():
     parser.add_argument("--json", default=None, help="default: bench/heldout_sets_MODEL_TASK.json")
     args = parser.parse_args()
     lm = load_model(args.model, dtype=args.dtype)
-    spec = task_spec(args.task)
-    task = get_task(spec.pop("task"), **{k: v for k, v in spec.items() if v is not None})
+    task = build_task(args.task)
     labels, sets = zip(*(s.split("=", 1) for s in args.set))
     masks = [[]] + [[lm.layout.index(h) for h in lm.layout.parse_list(heads)] for heads in sets]
     out = {"params": vars(args), "sets": dict(zip(labels, sets)), "seeds": {}}

@@ -87,6 +87,12 @@ def task_spec(name: str) -> dict:
     return {"task": name}
 
 
+def build_task(name: str):
+    """The task behind a table row, built."""
+    spec = task_spec(name)
+    return get_task(spec["task"], **{k: v for k, v in spec.items() if k != "task" and v is not None})
+
+
 def real_metric(task) -> str:
     return task.default_metric
 
@@ -142,8 +148,7 @@ def main():
     imported = imported_runs(args)
     options = method_options(args.option)
     for name in args.tasks.split(","):
-        spec = task_spec(name)
-        task = get_task(spec["task"], **{k: v for k, v in spec.items() if k != "task" and v is not None})
+        task = build_task(name)
         row = tables.get(name, {"task": name, "runs": {}})
         row.setdefault("runs", {}).update(imported.get(name, {}))
         task_args = table_args(args, name)
