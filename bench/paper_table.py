@@ -268,6 +268,8 @@ def held_out_table(lm, task, row, args, items, seed, store, general) -> dict:
             out["runs"].setdefault(label, {})[metric] = paired_drop(base, values[j], metric=metric) | {
                 "baseline": float(base.mean()), "ablated": float(values[j].mean())}
         ablated = values[len(sets) + 1:]
+        if not ablated:  # --random-draws 0
+            return
         drops = [paired_drop(base, a, metric=metric)["relative_drop"] for a in ablated]
         out["random"][metric] = {"relative_drop": float(np.mean(drops)), "baseline": float(base.mean()),
                                  "ablated": float(np.mean([a.mean() for a in ablated])),
@@ -317,8 +319,9 @@ def print_table(tables, args) -> None:
                   f"{m['general_acc']['baseline']:.3f} -> {m['general_acc']['ablated']:.3f} | {run['tokens']} | "
                   f"{run['locate_seconds']:.0f} |")
         r = held["random"]
-        print(f"| {name} | random x{len(held['random_sets'])} | - | {real(r)} | - | "
-              f"{r['general_acc']['baseline']:.3f} -> {r['general_acc']['ablated']:.3f} | - | - |")
+        if held["random_sets"]:
+            print(f"| {name} | random x{len(held['random_sets'])} | - | {real(r)} | - | "
+                  f"{r['general_acc']['baseline']:.3f} -> {r['general_acc']['ablated']:.3f} | - | - |")
         for method, overlap in (row.get("overlap") or {}).items():
             print(f"| {name} | {method}: top-5 overlap across seeds | {overlap['pairwise']}, in every seed: "
                   f"{','.join(overlap['in_every_seed']) or 'none'} | | | | | |")
