@@ -268,7 +268,7 @@ def held_out_table(lm, task, row, args, items, seed, store, general) -> dict:
             out["runs"].setdefault(label, {})[metric] = paired_drop(base, values[j], metric=metric) | {
                 "baseline": float(base.mean()), "ablated": float(values[j].mean())}
         ablated = values[len(sets) + 1:]
-        if not ablated:  # --random-draws 0
+        if len(ablated) == 0:  # --random-draws 0
             return
         drops = [paired_drop(base, a, metric=metric)["relative_drop"] for a in ablated]
         out["random"][metric] = {"relative_drop": float(np.mean(drops)), "baseline": float(base.mean()),
