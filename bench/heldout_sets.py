@@ -55,9 +55,10 @@ def main():
             result = Evaluator(lm, scoring, scoring.from_source(items), progress=True).evaluate(masks)
             for metric, values in result.scores.items():
                 row.setdefault("baseline", {})[metric] = float(values[0].mean())
+                binary = np.isin(values, (0, 1)).all()  # a 0/1 score: the items each set loses and gains
                 for label, ablated in zip(labels, values[1:]):
                     entry = paired_drop(values[0], ablated, metric=metric) | {"ablated": float(ablated.mean())}
-                    if np.isin(values, (0, 1)).all():  # a 0/1 score: the items it loses and gains
+                    if binary:
                         entry |= {"lost": int(((values[0] == 1) & (ablated == 0)).sum()),
                                   "gained": int(((values[0] == 0) & (ablated == 1)).sum())}
                     row["sets"].setdefault(label, {})[metric] = entry
