@@ -318,8 +318,8 @@ def print_table(tables, args) -> None:
                   f"{'-' if ref is None else format(ref['relative_drop'], '.0%')} | "
                   f"{m['general_acc']['baseline']:.3f} -> {m['general_acc']['ablated']:.3f} | {run['tokens']} | "
                   f"{run['locate_seconds']:.0f} |")
-        r = held["random"]
         if held["random_sets"]:
+            r = held["random"]
             print(f"| {name} | random x{len(held['random_sets'])} | - | {real(r)} | - | "
                   f"{r['general_acc']['baseline']:.3f} -> {r['general_acc']['ablated']:.3f} | - | - |")
         for method, overlap in (row.get("overlap") or {}).items():
