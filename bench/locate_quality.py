@@ -20,8 +20,10 @@ Methods run as the paper defines them (no control: greedy, 1s-greedy, csb, css, 
 control-aware default (`refine`, control `general`), and the joint search (`joint`, controls `general` and
 `text`; its default pool has no layer screen, `joint-layers2` adds the screen's two best layers (the recorded
 rows labelled `joint --layers 2` ran as `joint` when that was its default), `joint-layers1` the best layer only,
-`joint-keep5` the two pruned to 5 heads each), plus any --extra refine variants; `greedy+control` is iterative greedy
-under the default's criterion (refine over every head), run on --greedy-seeds like greedy.
+`joint-keep5` the two pruned to 5 heads each, `joint-exact15` exact elimination from the whole pool), plus any
+--extra refine variants and `refine-target2` (two candidates a round nominated by the target estimate alone);
+`greedy+control` is iterative greedy under the default's criterion (refine over every head), run on
+--greedy-seeds like greedy.
 Percentages are of the paper's greedy. On IOI, every run also measures which heads take over when its set is
 ablated (the backup name movers): the gradient on top of the set nominates 10 heads, and each one's exact
 drop on top of the set is set against its drop alone.
@@ -65,6 +67,11 @@ CONTROL_AWARE = {
     # the layer screen's layers each pruned to 5 heads before they join the pool
     "joint-keep5": ("joint --layer-keep 5 (control general,text)", "joint", {"layers": 2, "layer_keep": 5},
                     "general,text"),
+    # exact elimination from the whole pool (up to 15 heads), no gradient pruning before it
+    "joint-exact15": ("joint --exact-from 15 (control general,text)", "joint", {"exact_from": 15}, "general,text"),
+    # refine with two candidates a round nominated by the target estimate alone
+    "refine-target2": ("refine --target-candidates 2 (control general)", "refine", {"target_candidates": 2},
+                       "general"),
     # greedy under the default's criterion: what refine restricts
     "greedy+control": ("greedy (control general)", "greedy", {}, "general"),
 }

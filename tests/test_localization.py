@@ -401,6 +401,38 @@ def test_adaptive_refine_finds_a_backup_head_the_first_gradient_cannot_see():
     assert static.top(2) == [2, 5]  # restricted to the first screen's candidates, greedy cannot reach 17
 
 
+class MisreadControl(PlantedResponses):
+    """A control that ablating `head` does not hurt, but whose gradient at the model says it does (a curved
+    response: the first-order estimate of a control's damage is not what ablation costs)."""
+
+    def __init__(self, head: int, slope: float):
+        super().__init__(np.zeros(N_HEADS), base=-3.0, seed=1, name="control")
+        self.head, self.slope = head, slope
+
+    def gradients(self, metric, ablated=None):
+        grad = super().gradients(metric, ablated)
+        grad[:, self.head] = self.slope * self.item_gain
+        return grad
+
+
+def test_refine_can_nominate_the_largest_target_effects_whatever_the_control_estimate():
+    effects = np.zeros(N_HEADS)
+    effects[5], effects[[8, 11, 15, 19]] = 1.0, [0.5, 0.45, 0.4, 0.35]
+    target, control = PlantedResponses(effects, name="target"), MisreadControl(head=5, slope=1.5)
+
+    def objective():
+        return Objective(target, "logprob", [control], penalty=1.0)
+
+    assert objective().estimated_drops()[1][5] > 0.3  # the screen's criterion estimate ranks head 5 last
+    assert objective().responses(objective().set_masks([[5]]))[1][0] == 0  # ablating it costs the control nothing
+    nominated = ScreenRefine("atp", n_candidates=4, target_candidates=1, exchange_passes=0).run(objective(), 2)
+    assert nominated.details["target_candidates"] == 1 and 5 in nominated.details["candidates"]
+    assert nominated.top(2) == [5, 8]  # decided exactly: the largest drop, at no control cost
+    by_criterion = ScreenRefine("atp", n_candidates=4, exchange_passes=0).run(objective(), 2)  # the default
+    assert by_criterion.details["target_candidates"] == 0
+    assert 5 not in by_criterion.details["candidates"] and by_criterion.top(2) == [8, 11]
+
+
 def test_default_refine_screens_generation_tasks_by_regression(tmp_path):
     from pathlib import Path
 
