@@ -423,7 +423,7 @@ def test_refine_can_nominate_the_largest_target_effects_whatever_the_control_est
     def objective():
         return Objective(target, "logprob", [control], penalty=1.0)
 
-    assert objective().estimated_drops()[1][5] > 0.3  # the screen's criterion estimate ranks head 5 last
+    assert objective().estimated_drops()[1][5] > 0.3  # the screen's criterion estimate keeps head 5 out
     assert objective().responses(objective().set_masks([[5]]))[1][0] == 0  # ablating it costs the control nothing
     nominated = ScreenRefine("atp", n_candidates=4, target_candidates=1, exchange_passes=0).run(objective(), 2)
     assert nominated.details["target_candidates"] == 1 and 5 in nominated.details["candidates"]

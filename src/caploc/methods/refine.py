@@ -52,12 +52,12 @@ class ScreenRefine(Method):
                      "refine: candidates greedy decides among (default 8 with the atp screen, re-taken every "
                      "round; 16 with csb or css)", flag="--candidates")] = None,
                  exchange_passes: PASSES = DEFAULT_EXCHANGE, exchange_swaps: SWAPS = DEFAULT_SWAPS,
+                 layer_challenge: LAYERS = True, n_masks: MASKS = 100, sparsity: SPARSITY = 0.05,
+                 alpha: ALPHA = "cv", seed: int = 0,
                  target_candidates: Annotated[int, Param(
                      "refine: candidates nominated each round (once with csb or css) by the screen's target "
                      "estimate alone, among heads no round tried, beside those by its criterion estimate; the "
-                     "exact rounds decide them")] = 0,
-                 layer_challenge: LAYERS = True, n_masks: MASKS = 100, sparsity: SPARSITY = 0.05,
-                 alpha: ALPHA = "cv", seed: int = 0):
+                     "exact rounds decide them")] = 0):
         require(screen in SCREENS, f"unknown {{screen}} {screen!r}: choose one of {', '.join(SCREENS)}", "screen")
         require(n_candidates is None or n_candidates >= 1, "{n_candidates} must be positive", "n_candidates")
         require(exchange_passes >= 0, "{exchange_passes} must be >= 0", "exchange_passes")
