@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 
 from caploc import Criterion, EvalOptions, load_model
-from caploc.experiments.locate import DEFAULT_N_CONTROL
 from caploc.experiments.specs import Runtime
 from caploc.methods import Objective
 from caploc.methods.exchange import support
@@ -50,7 +49,7 @@ def main():
         sets[int(seed)] = [lm.layout.index(h) for h in lm.layout.parse_list(heads)]
     metric = task.identification_metric
     scoring = task.for_metric(metric)
-    n_control = min(args.n, DEFAULT_N_CONTROL)  # as locate draws them
+    n_control = criterion.n_control_items(args.n)  # as locate draws them
     table = {}
     for seed, own in sets.items():
         controls = [runtime.evaluator(t, t.items(n_control, seed)) for t in criterion.control_tasks()]

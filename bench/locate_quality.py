@@ -45,7 +45,6 @@ import numpy as np
 from caploc import Criterion, EvalOptions, LocateOptions, TaskSpec, load_model, locate, make_method
 from caploc.evaluator import Evaluator
 from caploc.methods import Objective
-from caploc.experiments.locate import DEFAULT_N_CONTROL
 from caploc.stats import paired_drop
 from caploc.store import EvalStore
 from caploc.tasks import get_task
@@ -105,7 +104,7 @@ def main():
     greedy_seeds = [int(s) for s in args.greedy_seeds.split(",")]
     general = get_task("general")
     # every general item no seed's control sets use (identification and validation, as locate draws them)
-    n_control = args.n_control or min(args.n, DEFAULT_N_CONTROL)
+    n_control = Criterion(n_control=args.n_control).n_control_items(args.n)
     used = set()
     for seed in set(seeds) | set(greedy_seeds):
         used |= {i.id for i in general.items(n_control, seed)}

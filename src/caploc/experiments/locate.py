@@ -57,6 +57,10 @@ class Criterion:
         require(self.penalty >= 0, "{penalty} must be >= 0", "penalty")
         require(self.tolerance is None or self.tolerance >= 0, "{tolerance} must be >= 0", "tolerance")
 
+    def n_control_items(self, n: int) -> int:
+        """The control identification items of a locate on `n` target items."""
+        return self.n_control or min(n, DEFAULT_N_CONTROL)
+
     def control_tasks(self) -> list[Task]:
         control = self.control
         if control is None or (isinstance(control, str) and control.strip().lower() in ("", "none")):
@@ -134,7 +138,7 @@ def _locate_one(rt: Runtime, spec: TaskSpec, method: Method, k: int | str, crite
     held_out = task.items(n_validate, seed, offset=n)
     identify = rt.evaluator(scoring, id_items)
     validate = rt.evaluators(task, held_out)
-    n_control = criterion.n_control or min(n, DEFAULT_N_CONTROL)
+    n_control = criterion.n_control_items(n)
     control_id = [rt.evaluator(t, t.items(n_control, seed)) for t in control_tasks]
     control_val = [rt.evaluator(t, t.items(spec.n_validate or n_control, seed, offset=n_control))
                    for t in control_tasks]

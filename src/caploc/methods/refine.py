@@ -91,14 +91,13 @@ class ScreenRefine(Method):
                          f"is csb instead of atp")
         screen = self._replayed_screen or self._screen(name)
         n_candidates = self.n_candidates or DEFAULT_CANDIDATES[screen.name]
-        n_target = self.target_candidates
         screened = screen.run(objective, k)
         candidates = screened.ranking[: max(k, n_candidates)]
         if objective.has_control and screened.target_effects is not None:
-            candidates += by_target(screened.target_effects, candidates, n_target)
+            candidates += by_target(screened.target_effects, candidates, self.target_candidates)
         adaptive = isinstance(screen, AttributionPatching)
         if adaptive:
-            refined = _RescreenedGreedy(candidates, n_candidates, n_target).run(objective, k)
+            refined = _RescreenedGreedy(candidates, n_candidates, self.target_candidates).run(objective, k)
         else:
             refined = RestrictedGreedy(candidates).run(objective, k)
         exact = np.isfinite(refined.head_scores)
@@ -128,7 +127,7 @@ class ScreenRefine(Method):
                                              self.exchange_swaps, marginals)
         ranking = chosen + [i for i in screened.ranking if i not in chosen]
         details = {"candidates": candidates, "rounds": rounds, "layer_challenge": challenge, "exchanges": exchanges,
-                   "target_candidates": n_target,
+                   "target_candidates": self.target_candidates,
                    # forward + backward passes of the gradient screen: the first, one per later round, one
                    # per exchange pass
                    "gradient_points": (len(rounds) + len(exchanges) if adaptive else 0)
@@ -151,9 +150,10 @@ def by_target(target: np.ndarray, taken: list[int], n: int) -> list[int]:
     it kept L10H6 and L12H0, two of the 12 largest target effects and in seeds 0 and 2's sets, out of every
     round, and greedy settled on a set of criterion 0.101 where theirs score 0.195 and 0.235 on the same items
     (docs/results.md). The exact rounds decide these nominees by the whole criterion."""
-    outside = np.asarray(target, dtype=np.float64).copy()
+    outside = np.asarray(target, dtype=np.float64)
+    outside = np.where(np.isnan(outside), -np.inf, outside)
     outside[taken] = -np.inf
-    order = np.argsort(-np.nan_to_num(outside, nan=-np.inf), kind="stable")[:n]
+    order = np.argsort(-outside, kind="stable")[:n]
     return [int(i) for i in order if np.isfinite(outside[i])]
 
 
@@ -186,7 +186,7 @@ class _RescreenedGreedy(RestrictedGreedy):
         scores[chosen] = -np.inf
         nominated = [int(i) for i in np.argsort(-scores, kind="stable")[: self.n_candidates]]
         if control is not None:
-            nominated += by_target(target, sorted(set(chosen + nominated) | self.tried), self.n_target)
+            nominated += by_target(target, [*self.tried, *nominated], self.n_target)  # tried holds chosen
         kept = [i for i in last_order if i not in chosen][: max(1, self.n_candidates // 4)]
         pool = kept + [i for i in nominated if i not in kept]
         self.tried |= set(pool)
