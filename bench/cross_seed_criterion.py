@@ -5,7 +5,9 @@ A locate's criterion (the target's share removed minus the penalty times the con
 seed's identification items and control items. Here every recorded set is scored on every seed's items, as the
 locate would score it, with the share of bootstrap resamples of those items in which each other set beats the
 seed's own (the test the exchange pass applies). If another seed's set scores higher on a seed's own items in
-nearly every resample, that seed's search missed it: the items did not prefer its set.
+nearly every resample, that seed's search missed it: the items did not prefer its set. `caploc locate --seeds`
+runs the same check (`caploc.experiments.locate.cross_seed_check`) on its own seeds; this script applies it to sets
+recorded by separate runs (bench/paper_table.py's).
 
     python bench/cross_seed_criterion.py --model qwen2.5-coder-0.5b --task gsm8k --store bench/paper_table.sqlite \
         --set 0=L7H11,L10H6,L11H8,L3H4,L12H0 --set 1=L13H3,L15H7,L19H6,L14H10,L10H7 \
@@ -19,9 +21,9 @@ import json
 from pathlib import Path
 
 from caploc import Criterion, EvalOptions, load_model
+from caploc.experiments.locate import cross_seed_check
 from caploc.experiments.specs import Runtime
 from caploc.methods import Objective
-from caploc.methods.exchange import support
 
 from paper_table import build_task  # bench/ is on the path when run as a script
 
@@ -50,18 +52,17 @@ def main():
     metric = task.identification_metric
     scoring = task.for_metric(metric)
     n_control = criterion.n_control_items(args.n)  # as locate draws them
+    seeds = list(sets)
+    objectives = [Objective(runtime.evaluator(scoring, scoring.items(args.n, seed)), metric,
+                            [runtime.evaluator(t, t.items(n_control, seed)) for t in criterion.control_tasks()],
+                            criterion.penalty, criterion.tolerance) for seed in seeds]
+    cross = cross_seed_check(objectives, list(sets.values()), seeds)
     table = {}
-    for seed, own in sets.items():
-        controls = [runtime.evaluator(t, t.items(n_control, seed)) for t in criterion.control_tasks()]
-        objective = Objective(runtime.evaluator(scoring, scoring.items(args.n, seed)), metric, controls,
-                              criterion.penalty, criterion.tolerance)
-        masks = objective.set_masks(list(sets.values()))
-        values = objective.criterion(masks)
-        target, control = objective.responses(masks)
-        table[seed] = {str(other): {"criterion": float(values[i]), "target_drop": float(target[i])}
-                       | ({"control_damage": float(control[i])} if control is not None else {})
-                       | ({"beats_own": support(objective, own, heads, seed=seed)} if other != seed else {})
-                       for i, (other, heads) in enumerate(sets.items())}
+    for i, seed in enumerate(seeds):
+        table[seed] = {str(other): {"criterion": cross["criterion"][i][j], "target_drop": cross["target_drop"][i][j]}
+                       | ({"control_damage": cross["control_damage"][i][j]} if cross["control_damage"][i] else {})
+                       | ({"beats_own": cross["beats_own"][i][j]} if other != seed else {})
+                       for j, other in enumerate(seeds)}
         print(f"seed {seed}'s items: " + "; ".join(
             f"seed {other}'s set {row['criterion']:.3f}" + (f" (beats the own set in {row['beats_own']:.0%} of the "
                                                             f"resamples)" if "beats_own" in row else "")

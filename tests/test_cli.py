@@ -121,8 +121,8 @@ def test_locate_on_embedded_model_writes_result(cli, tmp_path):
     out = tmp_path / "run"
     # csb with the paper's plain objective (the default method is `refine` with a control since issue 10)
     proc = cli("locate", "--method", "csb", "--control", "none", "--subtask", "2D+", "--n", "12", "--n-validate",
-               "12", "--masks", "24", "--k", "3", "--store", str(tmp_path / "evals.sqlite"), "--out", str(out),
-               "--quiet")
+               "12", "--masks", "24", "--k", "3", "--seeds", "0,1", "--store", str(tmp_path / "evals.sqlite"),
+               "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "result.json").read_text())
     assert [h["rank"] for h in result["heads"]] == [1, 2, 3]
@@ -136,6 +136,11 @@ def test_locate_on_embedded_model_writes_result(cli, tmp_path):
     assert 0 <= coverage["min_ablations_per_head"] <= coverage["max_ablations_per_head"]
     assert 5 <= coverage["mean_heads_per_mask"] <= 25
     assert "drop on held-out items" in proc.stdout
+    # each seed's set scored on both seeds' items, printed as a table
+    cross = result["stability"]["cross_seed"]
+    assert len(cross["criterion"]) == 2 and all(len(row) == 2 for row in cross["criterion"])
+    assert cross["beats_own"][0][0] is None and 0 <= cross["beats_own"][0][1] <= 1
+    assert cross["best_seed"] in (0, 1) and "each seed's set scored on each seed's items" in proc.stdout
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA GPU")

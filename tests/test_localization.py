@@ -1,11 +1,13 @@
 """Control-aware localization, attribution patching, screen-and-refine, bootstrap stability, and the tasks with
 known heads (induction, IOI)."""
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import pytest
 
-from caploc import Criterion, EvalOptions, LocateOptions, TaskSpec, locate, wrap_model
+from caploc import Criterion, EvalOptions, LocateOptions, TaskSpec, locate, report, wrap_model
 from caploc.evaluator import EvalResult, Evaluator
 from caploc.experiments.locate import selection_frequency
 from caploc.masks import Masks
@@ -244,13 +246,49 @@ def test_locate_with_control_seeds_and_stability(planted, tmp_path):
     assert run.stability["mean_pairwise_overlap"] == 3 and len(run.stability["top_k_per_seed"]) == 2
     assert run.control["tasks"][0]["task"] == "general" and "general" in run.control_validation
     assert len(run.head_effects["target"]) == len(run.head_effects["control"]) == lm.layout.n_total
-    from caploc import report
-
     written = report(tmp_path / "run")
     assert "effects" in written.figures
     plain = locate(lm, TaskSpec(task, n=12), "1s-greedy", k=3, criterion=NO_CONTROL,
                    options=LocateOptions(bootstrap=0), evaluation=store)
     assert plain.control["tasks"] == [] and plain.head_effects["control"] is None and plain.stability == {}
+
+
+class StopsShortOnSeedOne(OneShotGreedy):
+    """One-shot greedy, except that on seed 1 its search ends at the heads that matter least (a search failure,
+    planted): the planted heads rank last."""
+
+    name = "stops-short"
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.seed = seed
+
+    def run(self, objective, k):
+        result = super().run(objective, k)
+        if self.seed == 1:
+            result.ranking = result.ranking[::-1]
+        return result
+
+
+def test_locate_with_seeds_names_the_seed_whose_search_stopped_short(planted, tmp_path):
+    """Each seed's set is scored under every seed's criterion: seed 1's own items prefer seed 0's set (the
+    planted heads) in every resample, so seed 1's search is flagged, and seed 0's set is the best on all items."""
+    lm, task = planted
+    store = EvalOptions(store=EvalStore(tmp_path / "s.sqlite"))
+    run = locate(lm, TaskSpec(task, n=12, n_validate=6), StopsShortOnSeedOne(), k=3, criterion=NO_CONTROL,
+                 options=LocateOptions(bootstrap=0, seeds=(0, 1)), evaluation=store, out=tmp_path / "run")
+    cross = run.stability["cross_seed"]
+    sets = [[lm.layout.index(h) for h in lm.layout.parse_list(",".join(top))]
+            for top in run.stability["top_k_per_seed"]]
+    assert {lm.layout.head(i) for i in sets[0]} == set(PLANTED) and not set(sets[0]) & set(sets[1])
+    for seed, row in enumerate(cross["criterion"]):  # the criterion of each set, on each seed's own items
+        objective = Objective(Evaluator(lm, task, task.items(12, seed)), "logprob")
+        np.testing.assert_allclose(row, objective.criterion(objective.set_masks(sets)), rtol=1e-6)
+    assert cross["criterion"][1][0] > cross["criterion"][1][1] and cross["beats_own"][1][0] >= 0.95
+    assert cross["beats_own"][0][1] < 0.05 and cross["best_seed"] == 0
+    assert [(m["seed"], m["better_seed"]) for m in cross["search_stopped_short"]] == [(1, 0)]
+    assert any("seed 1: the set of seed 0 scores" in w and "stopped short" in w for w in run.warnings)
+    assert "seed 1&#x27;s search stopped short" in Path(report(tmp_path / "run").html).read_text()
 
 
 def test_the_budget_counts_the_tokens_the_gradient_screen_runs(planted, tmp_path):
@@ -434,8 +472,6 @@ def test_refine_can_nominate_the_largest_target_effects_whatever_the_control_est
 
 
 def test_default_refine_screens_generation_tasks_by_regression(tmp_path):
-    from pathlib import Path
-
     lm = wrap_model(build("llama"), byte_tokenizer(), spec="tiny-llama")
     data = str(Path(__file__).parent / "fixtures" / "gsm8k_mini.jsonl")
     run = locate(lm, TaskSpec("gsm8k", data=data, shots=1, n=2, n_validate=2), make_method(

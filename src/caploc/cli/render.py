@@ -121,6 +121,8 @@ def print_locate(report) -> None:
         console.print(f"seeds {stability['seeds']}: top-{report['k']} per seed "
                       + "; ".join(",".join(t) for t in stability["top_k_per_seed"])
                       + f"; mean pairwise overlap {stability['mean_pairwise_overlap']:.1f} of {report['k']}")
+    if stability.get("cross_seed"):
+        console.print(_cross_seed_table(stability["seeds"], stability["cross_seed"]))
     curve = Table(title="drop on held-out items when ablating the top-j heads (paired 95% CI)")
     curve.add_column("j")
     metrics = list(report["validation"])
@@ -324,3 +326,16 @@ def print_registry(kind: str, registry) -> None:
             what = f"[{entry.cls.kind}] " + (what or entry.cls.__name__)
         table.add_row(name, what, params or "-")
     console.print(table)
+
+
+def _cross_seed_table(seeds: list[int], cross: dict) -> Table:
+    """Each seed's set (columns) under each seed's criterion (rows), with how often it beats that seed's own."""
+    table = Table(title=f"each seed's set scored on each seed's items (criterion; share of {cross['resamples']} "
+                        f"item resamples in which it beats that seed's own set)")
+    table.add_column("items of")
+    for seed in seeds:
+        table.add_column(f"seed {seed}'s set" + (" (best)" if seed == cross["best_seed"] else ""))
+    for seed, values, wins in zip(seeds, cross["criterion"], cross["beats_own"]):
+        table.add_row(f"seed {seed}", *(f"{v:.3f}" + ("" if w is None else f" ({w:.0%})") for v, w in zip(values, wins)))
+    table.add_row("mean", *(f"{m:.3f}" for m in cross["mean_criterion"]))
+    return table

@@ -14,6 +14,7 @@ from caploc.experiments.results import LocateResult, UniversalResult
 from caploc.experiments.specs import (EvalOptions, ModelSpec, Runtime, TaskSpec, build_tasks, cli, parse_ints,
                                       parse_task_list)
 from caploc.methods import DEFAULT_METHOD, DEFAULT_PENALTY, DEFAULT_TOLERANCE, Method, Objective, make_method
+from caploc.methods.exchange import CONFIDENCE, RESAMPLES, support
 from caploc.models import DEFAULT_MODEL, LoadedModel
 from caploc.stats import low_baseline_warning, score_summary
 from caploc.tasks.base import OWN_METRIC, Task
@@ -98,6 +99,8 @@ def locate(model: ModelSpec | str | LoadedModel = DEFAULT_MODEL, task: TaskSpec 
     (methods.base); held-out control items measure the chosen heads' control drop. `options.bootstrap`
     resamples of the identification items give each head's selection frequency; `options.seeds` runs the
     whole identification once per seed (items and method randomness) and reports how often each head recurs.
+    Each seed's set is then also scored under every other seed's criterion (`cross_seed_check`): a seed whose
+    own items prefer another seed's set in nearly every resample gets a warning that its search stopped short.
     `method` is a registered name (`make_method`) or a Method; a method's `seed` is the run's. `k` "auto" lets
     a method that can (`joint`) choose the size: the smallest set that keeps most of what its candidates
     remove; the size chosen and the curve are in the result."""
@@ -111,16 +114,17 @@ def locate(model: ModelSpec | str | LoadedModel = DEFAULT_MODEL, task: TaskSpec 
     spec = TaskSpec.of(task)
     criterion, options = criterion or Criterion(), options or LocateOptions()
     seeds = list(options.seeds or [])
-    runs = [_locate_one(rt, spec.replace(seed=s) if seeds else spec, method, k, criterion, options)
-            for s in (seeds or [spec.seed])]
-    located = runs[0] if not seeds else _with_recurrence(runs, seeds, k)
+    runs, objectives = zip(*(_locate_one(rt, spec.replace(seed=s) if seeds else spec, method, k, criterion, options)
+                             for s in (seeds or [spec.seed])))
+    located = runs[0] if not seeds else _with_recurrence(list(runs), list(objectives), seeds, k)
     if out:
         located.save(out)
     return located
 
 
 def _locate_one(rt: Runtime, spec: TaskSpec, method: Method, k: int | str, criterion: Criterion,
-                options: LocateOptions) -> LocateResult:
+                options: LocateOptions) -> tuple[LocateResult, Objective]:
+    """One seed's locate, and the objective it maximized (its identification and control items)."""
     started = time.perf_counter()
     lm, seed, n = rt.lm, spec.seed, spec.n
     task = spec.build()
@@ -194,7 +198,7 @@ def _locate_one(rt: Runtime, spec: TaskSpec, method: Method, k: int | str, crite
     if "acc" in validation:
         note = low_baseline_warning(task.name, validation["acc"][0]["baseline"], metric)
         located.warnings += [note] if note else []
-    return located
+    return located, objective
 
 
 def own_references(rt: Runtime, task: Task, view, items: list) -> dict:
@@ -292,9 +296,10 @@ def _budget(objective: Objective, identify: Evaluator, control_id: list[Evaluato
     }
 
 
-def _with_recurrence(runs: list[LocateResult], seeds: list[int], k: int | str) -> LocateResult:
-    """The first seed's result, with how often each head recurs in the seeds' top-k and their pairwise
-    overlaps."""
+def _with_recurrence(runs: list[LocateResult], objectives: list[Objective], seeds: list[int],
+                     k: int | str) -> LocateResult:
+    """The first seed's result, with how often each head recurs in the seeds' top-k, their pairwise overlaps,
+    and each seed's set scored under every seed's criterion (`cross_seed_check`)."""
     tops = [r.top_heads(None if k == AUTO_K else k) for r in runs]
     counts: dict[str, int] = {}
     for top in tops:
@@ -302,15 +307,49 @@ def _with_recurrence(runs: list[LocateResult], seeds: list[int], k: int | str) -
             counts[h] = counts.get(h, 0) + 1
     pairs = [len(set(a) & set(b)) for i, a in enumerate(tops) for b in tops[i + 1:]]
     first = runs[0]
+    cross = cross_seed_check(objectives, [[h["index"] for h in r.heads] for r in runs], seeds)
     first.stability = dict(first.stability) | {
         "seeds": seeds, "top_k_per_seed": tops,
         "seed_frequency": {h: c / len(seeds) for h, c in sorted(counts.items(), key=lambda x: -x[1])},
-        "pairwise_overlap": pairs, "mean_pairwise_overlap": float(np.mean(pairs)) if pairs else None}
+        "pairwise_overlap": pairs, "mean_pairwise_overlap": float(np.mean(pairs)) if pairs else None,
+        "cross_seed": cross}
     for h in first.heads:
         h["seed_frequency"] = counts.get(h["head"], 0) / len(seeds)
+    first.warnings += [
+        f"seed {miss['seed']}: the set of seed {miss['better_seed']} scores {miss['criterion']:.3f} on seed "
+        f"{miss['seed']}'s own items against its own set's {miss['own_criterion']:.3f}, higher in "
+        f"{miss['support']:.0%} of {RESAMPLES} item resamples: that seed's search stopped short"
+        for miss in cross["search_stopped_short"]]
     if first.attention_check:
         best = set(first.attention_check["top"])
         first.attention_check = dict(first.attention_check) | {
             "reported_in_top_per_seed": [[h for h in top if h in best] for top in tops]}
     first.budget = dict(first.budget) | {"all_seeds_model_tokens": sum(r.budget["model_tokens"] for r in runs)}
     return first
+
+
+def cross_seed_check(objectives: list[Objective], sets: list[list[int]], seeds: list[int]) -> dict:
+    """Each seed's head set scored under every seed's criterion (that seed's identification and control items).
+    Sets that differ between seeds either fit their own items equally well (the items' noise decides) or one
+    seed's search stopped short: another seed's set beats its own on its own items in at least CONFIDENCE of
+    RESAMPLES bootstrap resamples (the exchange pass's test). `criterion[i][j]`: seed j's set on seed i's items
+    (`target_drop`, `control_damage`: its parts); `beats_own[i][j]`: that support; `best_seed`: the set with the
+    highest mean criterion over all seeds' items. The other seeds' sets cost one mask each per seed (stored)."""
+    criterion, target_drop, control_damage, beats_own, missed = [], [], [], [], []
+    for i, objective in enumerate(objectives):
+        target, control = objective.responses(objective.set_masks(sets))
+        values = [float(v) for v in objective.specificity(target, control)]
+        wins = [None if j == i else support(objective, sets[i], other, seed=seeds[i]) for j, other in enumerate(sets)]
+        criterion.append(values)
+        target_drop.append([float(v) for v in target])
+        control_damage.append(None if control is None else [float(v) for v in control])
+        beats_own.append(wins)
+        missed += [{"seed": seeds[i], "better_seed": seeds[j], "criterion": values[j], "own_criterion": values[i],
+                    "support": wins[j]}
+                   for j in np.argsort([-v for v in values], kind="stable")
+                   if j != i and wins[j] >= CONFIDENCE][:1]  # the best-scoring of the sets that beat it
+    mean = np.mean(criterion, axis=0)
+    return {"criterion": criterion, "target_drop": target_drop, "control_damage": control_damage,
+            "beats_own": beats_own, "mean_criterion": [float(m) for m in mean],
+            "best_seed": seeds[int(np.argmax(mean))], "search_stopped_short": missed,
+            "resamples": RESAMPLES, "confidence": CONFIDENCE}

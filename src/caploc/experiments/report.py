@@ -289,6 +289,13 @@ def report(run_dir: str | Path, out: str | Path | None = None, universal_path: s
         if stability.get("top_k_per_seed"):
             lines.append(f"Seeds {stability['seeds']}: " + "; ".join(", ".join(t) for t in stability["top_k_per_seed"])
                          + f" (mean pairwise overlap {stability['mean_pairwise_overlap']:.1f} of {run['k']}).")
+        cross = stability.get("cross_seed")
+        if cross:
+            lines.append(f"Scored on every seed's items, seed {cross['best_seed']}'s set has the highest mean "
+                         f"criterion ({max(cross['mean_criterion']):.3f})" + "".join(
+                             f"; seed {m['seed']}'s search stopped short (seed {m['better_seed']}'s set beats its "
+                             f"own on its items in {m['support']:.0%} of {cross['resamples']} resamples)"
+                             for m in cross["search_stopped_short"]) + ".")
         sections += ["<h2>Stability</h2>", "<p>" + html.escape(" ".join(lines)) + "</p>"]
     if universal:
         sections += ["<h2>Universal heads</h2>",
