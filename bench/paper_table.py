@@ -185,16 +185,27 @@ def main():
                 write(out, args, tables)
         held_out = held_out_table(lm, task, row, task_args, held_items, seeds[0], store, general)
         row["held_out"] = held_out
-        row["overlap"] = {}
-        for method in dict.fromkeys(label.split(" seed ")[0] for label in row["runs"]):
-            tops = [set(row["runs"][f"{method} seed {s}"]["top"]) for s in seeds if f"{method} seed {s}" in row["runs"]]
-            if len(tops) > 1:
-                row["overlap"][method] = {"pairwise": [len(a & b) for a, b in itertools.combinations(tops, 2)],
-                                          "in_every_seed": sorted(set.intersection(*tops))}
+        row["overlap"] = seed_overlap(row["runs"])
         row["seconds_total"] = round(row.get("seconds_total", 0) + time.perf_counter() - started, 1)
         tables[name] = row
         write(out, args, tables)
     print_table(tables, args)
+
+
+def seed_overlap(runs: dict[str, dict]) -> dict[str, dict]:
+    """Each method's top-k overlap across every seed the table holds for it (an invocation may add one seed to a
+    table that has the others): pairwise in seed order, and the heads in every seed's set."""
+    by_method: dict[str, dict[int, set]] = {}
+    for label, run in runs.items():
+        method, _, seed = label.rpartition(" seed ")
+        by_method.setdefault(method, {})[int(seed)] = set(run["top"])
+    overlap = {}
+    for method, tops in by_method.items():
+        sets = [tops[seed] for seed in sorted(tops)]
+        if len(sets) > 1:
+            overlap[method] = {"seeds": sorted(tops), "pairwise": [len(a & b) for a, b in itertools.combinations(sets, 2)],
+                               "in_every_seed": sorted(set.intersection(*sets))}
+    return overlap
 
 
 def table_args(args, name: str) -> argparse.Namespace:
