@@ -203,7 +203,8 @@ def seed_overlap(runs: dict[str, dict]) -> dict[str, dict]:
     for method, tops in by_method.items():
         sets = [tops[seed] for seed in sorted(tops)]
         if len(sets) > 1:
-            overlap[method] = {"seeds": sorted(tops), "pairwise": [len(a & b) for a, b in itertools.combinations(sets, 2)],
+            overlap[method] = {"seeds": sorted(tops),
+                               "pairwise": [len(a & b) for a, b in itertools.combinations(sets, 2)],
                                "in_every_seed": sorted(set.intersection(*sets))}
     return overlap
 
