@@ -23,7 +23,6 @@ from pathlib import Path
 from caploc import Criterion, EvalOptions, load_model
 from caploc.experiments.locate import cross_seed_check
 from caploc.experiments.specs import Runtime
-from caploc.methods import Objective
 
 from paper_table import build_task  # bench/ is on the path when run as a script
 
@@ -51,11 +50,10 @@ def main():
         sets[int(seed)] = [lm.layout.index(h) for h in lm.layout.parse_list(heads)]
     metric = task.identification_metric
     scoring = task.for_metric(metric)
-    n_control = criterion.n_control_items(args.n)  # as locate draws them
     seeds = list(sets)
-    objectives = [Objective(runtime.evaluator(scoring, scoring.items(args.n, seed)), metric,
-                            [runtime.evaluator(t, t.items(n_control, seed)) for t in criterion.control_tasks()],
-                            criterion.penalty, criterion.tolerance) for seed in seeds]
+    # each seed's objective as its locate built it
+    objectives = [criterion.objective(runtime, runtime.evaluator(scoring, scoring.items(args.n, seed)), metric,
+                                      args.n, seed) for seed in seeds]
     cross = cross_seed_check(objectives, list(sets.values()), seeds)
     table = {}
     for i, seed in enumerate(seeds):

@@ -62,6 +62,12 @@ class Criterion:
         """The control identification items of a locate on `n` target items."""
         return self.n_control or min(n, DEFAULT_N_CONTROL)
 
+    def objective(self, rt: Runtime, identify: Evaluator, metric: str, n: int, seed: int) -> Objective:
+        """What a locate on `n` target items of `seed` maximizes: `identify` scored by `metric`, against the
+        control tasks on their identification items (seed's draw of `n_control_items(n)`)."""
+        controls = [rt.evaluator(t, t.items(self.n_control_items(n), seed)) for t in self.control_tasks()]
+        return Objective(identify, metric, controls, self.penalty, self.tolerance)
+
     def control_tasks(self) -> list[Task]:
         control = self.control
         if control is None or (isinstance(control, str) and control.strip().lower() in ("", "none")):
@@ -132,7 +138,6 @@ def _locate_one(rt: Runtime, spec: TaskSpec, method: Method, k: int | str, crite
     scoring = task.for_metric(metric)  # the task itself, or its reference view
     if "seed" in method.params():
         method = method.clone(seed=seed)
-    control_tasks = criterion.control_tasks()
     universal = UniversalResult.load(options.exclude_universal).universal_heads if options.exclude_universal else None
     excluded = sorted({lm.layout.index(h) for h in lm.layout.parse_list(options.exclude)
                        + lm.layout.parse_list(universal)})
@@ -142,11 +147,12 @@ def _locate_one(rt: Runtime, spec: TaskSpec, method: Method, k: int | str, crite
     held_out = task.items(n_validate, seed, offset=n)
     identify = rt.evaluator(scoring, id_items)
     validate = rt.evaluators(task, held_out)
-    n_control = criterion.n_control_items(n)
-    control_id = [rt.evaluator(t, t.items(n_control, seed)) for t in control_tasks]
+    objective = criterion.objective(rt, identify, metric, n, seed)
+    control_id = objective.controls
+    control_tasks = [c.task for c in control_id]
+    n_control = criterion.n_control_items(n)  # held-out control items start after the identification ones
     control_val = [rt.evaluator(t, t.items(spec.n_validate or n_control, seed, offset=n_control))
                    for t in control_tasks]
-    objective = Objective(identify, metric, control_id, criterion.penalty, criterion.tolerance)
     result = method.run(objective, k)
     asked, k = k, (result.details["k"] if k == AUTO_K else k)  # the size the method chose, for "auto"
     frequency = (selection_frequency(method, objective, asked, options.bootstrap, seed, result.details, k)
